@@ -1,0 +1,1 @@
+"""Everything about models: catalogue, store, provenance, VAD and the runner."""

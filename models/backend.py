@@ -1,0 +1,151 @@
+"""The one small interface every decoder implements.
+
+"Here are N audio windows with their options, give back N hypotheses." The
+local faster-whisper runner, remote backends and the test backends all
+implement :class:`Backend`; the scheduler and the batch CLI only talk to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+SAMPLE_RATE = 16000
+"""Every window given to a backend is mono float32 at this rate."""
+
+MAX_WINDOW_SECONDS = 30.0
+"""Whisper's context: a window longer than this is refused."""
+
+AudioArray = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Window:
+    """One piece of audio to decode.
+
+    ``audio`` is mono float32 at 16 kHz, at most 30 s. ``prompt`` is previous
+    text that conditions the decoder (None for none). ``language`` is an ISO
+    code, or None to detect it from the audio. ``hotwords`` are terms to bias
+    the decoder towards (Whisper receives them as a prefix prompt).
+    """
+
+    audio: AudioArray
+    prompt: str | None = None
+    language: str | None = None
+    hotwords: str | None = None
+
+    @property
+    def duration(self) -> float:
+        return float(len(self.audio)) / SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Decoding options shared by every window of one batch.
+
+    ``max_tokens_per_second`` and ``min_tokens`` set each window's token
+    budget (``min_tokens + ceil(duration * max_tokens_per_second)``), so that
+    no window can run to the model's maximum length.
+    """
+
+    task: str = "transcribe"
+    beam_size: int = 1
+    patience: float = 1.0
+    length_penalty: float = 1.0
+    temperature: float = 0.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    suppress_blank: bool = True
+    suppress_tokens: tuple[int, ...] = (-1,)
+    without_timestamps: bool = False
+    word_timestamps: bool = False
+    max_tokens_per_second: float = 8.0
+    min_tokens: int = 16
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as plain JSON values, for provenance records."""
+        return {
+            "task": self.task,
+            "beam_size": self.beam_size,
+            "patience": self.patience,
+            "length_penalty": self.length_penalty,
+            "temperature": self.temperature,
+            "repetition_penalty": self.repetition_penalty,
+            "no_repeat_ngram_size": self.no_repeat_ngram_size,
+            "suppress_blank": self.suppress_blank,
+            "suppress_tokens": list(self.suppress_tokens),
+            "without_timestamps": self.without_timestamps,
+            "word_timestamps": self.word_timestamps,
+            "max_tokens_per_second": self.max_tokens_per_second,
+            "min_tokens": self.min_tokens,
+        }
+
+    def token_budget(self, duration: float) -> int:
+        """How many new tokens a window of ``duration`` seconds may produce."""
+        return self.min_tokens + int(np.ceil(max(duration, 0.0) * self.max_tokens_per_second))
+
+
+@dataclass(frozen=True)
+class WordTiming:
+    """A word with times in seconds from the start of its window."""
+
+    word: str
+    start: float
+    end: float
+    probability: float
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A timestamped piece of a hypothesis, times from the start of its window."""
+
+    start: float
+    end: float
+    text: str
+    tokens: tuple[int, ...]
+    words: tuple[WordTiming, ...] = ()
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """What a backend returns for one window."""
+
+    text: str
+    tokens: tuple[int, ...]
+    segments: tuple[Segment, ...]
+    language: str
+    avg_logprob: float
+    no_speech_prob: float
+    words: tuple[WordTiming, ...] = ()
+    # Extra facts a backend wants to pass along (e.g. which remote served it).
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A decoder of audio windows. Implementations must be thread-safe for one
+    caller at a time: the scheduler calls ``transcribe_batch`` from a single
+    worker thread while the event loop keeps running."""
+
+    @property
+    def name(self) -> str:
+        """Short name of the model or service behind this backend."""
+        ...
+
+    def provenance(self) -> dict[str, Any]:
+        """Which model (by checksum), source and policy produce the results."""
+        ...
+
+    def transcribe_batch(
+        self, windows: Sequence[Window], options: DecodeOptions
+    ) -> list[Hypothesis]:
+        """Decode every window; return one hypothesis per window, in order.
+
+        Raises :class:`service.errors.InvalidRequestError` for a window longer
+        than 30 s or an unknown language.
+        """
+        ...

@@ -1,0 +1,39 @@
+"""Shared fixtures. Test data is found through ``EARSHOT_TESTDATA``
+(default ``../shared/testdata``); tests that need it skip where it is absent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.kit.paths import audio_dir, testdata_dir, tokenizer_dir
+
+
+@pytest.fixture(scope="session")
+def testdata() -> Path:
+    path = testdata_dir()
+    if not path.is_dir():
+        pytest.skip(f"test data not found at {path} (set EARSHOT_TESTDATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(testdata: Path) -> Path:
+    path = tokenizer_dir()
+    if not (path / "tokenizer.json").is_file():
+        pytest.skip(f"Whisper tokenizer not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def audio_manifest(testdata: Path) -> list[dict[str, Any]]:
+    manifest = audio_dir() / "manifest.jsonl"
+    if not manifest.is_file():
+        pytest.skip(f"audio manifest not found at {manifest}")
+    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    for row in rows:
+        row["abspath"] = str(audio_dir() / row["path"])
+    return rows
