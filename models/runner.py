@@ -1,0 +1,390 @@
+"""The local Whisper runner: one CTranslate2 model, batched encode and decode.
+
+:class:`WhisperRunner` is the only place in Earshot that calls the model. It
+loads a CTranslate2 Whisper model folder once and offers
+:meth:`WhisperRunner.transcribe_batch`: N windows of at most 30 s, each with
+its own prompt and language, decoded with one batched encoder call and one
+batched decoder call.
+
+One CTranslate2 constraint shapes the batching: all prompts of a
+``generate`` call must put ``<|startoftranscript|>`` at the same position and
+carry the same number of task tokens. The whole batch is encoded in one call;
+windows whose prompts share a shape (no previous text, or previous text of
+equal token length) and a language share one decoder call. A batch with
+several prompt shapes makes one decoder call per shape and re-encodes the
+windows of each (rare: the scheduler batches like with like). Padding prompts
+to a common length would let a window's words depend on which other windows
+were batched with it, so Earshot does not do that.
+
+Thread safety: a single runner may be called from one worker thread while
+the asyncio event loop runs in another; calls are serialised by a lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.backend import (
+    MAX_WINDOW_SECONDS,
+    SAMPLE_RATE,
+    DecodeOptions,
+    Hypothesis,
+    Segment,
+    Window,
+    WordTiming,
+)
+from models.provenance import ChecksumCache, Provenance, folder_provenance
+from service.errors import ConfigError, InvalidRequestError
+
+log = logging.getLogger("earshot.runner")
+
+_PREPEND_PUNCT = "\"'“¿([{-"
+_APPEND_PUNCT = "\"'.。,，!！?？:：”)]}、"
+# A window may be a few ms over 30 s after resampling; Whisper pads to 30 s anyway.
+_WINDOW_TOLERANCE_S = 0.05
+
+
+def cuda_device_count() -> int:
+    """Number of CUDA devices CTranslate2 can use (0 without a GPU or CUDA libraries)."""
+    import ctranslate2
+
+    try:
+        return int(ctranslate2.get_cuda_device_count())
+    except Exception:  # a broken CUDA install reads as no GPU
+        return 0
+
+
+def pick_device(device: str, compute_type: str) -> tuple[str, str]:
+    """Resolve ``auto`` settings: CUDA with float16 where a GPU is, else CPU with int8.
+
+    Raises ConfigError for an unknown device or a compute type the device
+    does not support.
+    """
+    import ctranslate2
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda, not {device!r}", field="device")
+    if device == "auto":
+        device = "cuda" if cuda_device_count() > 0 else "cpu"
+    if device == "cuda" and cuda_device_count() == 0:
+        raise ConfigError(
+            "device cuda was asked for but CTranslate2 sees no CUDA device "
+            "(no GPU, or the CUDA 12 libraries cuBLAS/cuDNN are not installed)",
+            field="device",
+        )
+    if compute_type in ("auto", "default"):
+        compute_type = "float16" if device == "cuda" else "int8"
+    supported = set(ctranslate2.get_supported_compute_types(device))
+    if compute_type not in supported:
+        raise ConfigError(
+            f"compute type {compute_type!r} is not supported on {device}; "
+            f"choose one of {', '.join(sorted(supported))}",
+            field="compute_type",
+        )
+    return device, compute_type
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """How to load the model. ``cpu_threads`` 0 lets CTranslate2 choose."""
+
+    device: str = "auto"
+    compute_type: str = "auto"
+    cpu_threads: int = 0
+    device_index: int = 0
+
+
+@dataclass
+class _Prepared:
+    index: int
+    window: Window
+    language: str
+    prompt: list[int]
+    sot_index: int
+    budget: int
+
+
+class WhisperRunner:
+    """A loaded CTranslate2 Whisper model that decodes batches of windows.
+
+    Raises ConfigError at construction when the device or compute type is
+    unusable, and ModelNotFoundError-like OSErrors from CTranslate2 when the
+    folder does not hold a valid model.
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        settings: RunnerSettings | None = None,
+        *,
+        name: str | None = None,
+        provenance: Provenance | None = None,
+        checksum_cache: ChecksumCache | None = None,
+    ) -> None:
+        from faster_whisper import WhisperModel
+
+        self.settings = settings or RunnerSettings()
+        self.device, self.compute_type = pick_device(
+            self.settings.device, self.settings.compute_type
+        )
+        self.path = Path(model_path)
+        self._model = WhisperModel(
+            str(self.path),
+            device=self.device,
+            device_index=self.settings.device_index,
+            compute_type=self.compute_type,
+            cpu_threads=self.settings.cpu_threads,
+            num_workers=1,
+        )
+        prov = provenance or folder_provenance(
+            self.path, name=name, cache=checksum_cache or ChecksumCache()
+        )
+        self._provenance = replace(prov, compute_type=self.compute_type, device=self.device)
+        self._name = name or self._provenance.name
+        self._lock = threading.Lock()
+        self._multilingual = bool(self._model.model.is_multilingual)
+        self._n_frames = self._model.feature_extractor.nb_max_frames
+        self._tokenizers: dict[tuple[str, str], Any] = {}
+        self.calls = 0
+
+    # -- Backend interface -------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def multilingual(self) -> bool:
+        return self._multilingual
+
+    @property
+    def supported_languages(self) -> list[str]:
+        return list(self._model.supported_languages)
+
+    def provenance(self) -> dict[str, Any]:
+        out = self._provenance.to_dict()
+        out["backend"] = "local"
+        return out
+
+    def transcribe_batch(
+        self, windows: Sequence[Window], options: DecodeOptions
+    ) -> list[Hypothesis]:
+        """Decode ``windows``; one hypothesis per window, in order.
+
+        Raises InvalidRequestError for an empty window, one longer than 30 s,
+        an unknown language or an unknown task.
+        """
+        if not windows:
+            return []
+        self._validate(windows, options)
+        with self._lock:
+            self.calls += 1
+            return self._transcribe_locked(list(windows), options)
+
+    # -- internals ---------------------------------------------------------
+    def _validate(self, windows: Sequence[Window], options: DecodeOptions) -> None:
+        if options.task not in ("transcribe", "translate"):
+            raise InvalidRequestError(
+                f"task must be transcribe or translate, not {options.task!r}", field="task"
+            )
+        languages = set(self.supported_languages)
+        for i, w in enumerate(windows):
+            if w.audio.ndim != 1 or len(w.audio) == 0:
+                raise InvalidRequestError(f"window {i} must be non-empty mono audio", field="audio")
+            if w.duration > MAX_WINDOW_SECONDS + _WINDOW_TOLERANCE_S:
+                raise InvalidRequestError(
+                    f"window {i} is {w.duration:.2f} s long; the maximum is "
+                    f"{MAX_WINDOW_SECONDS:.0f} s",
+                    field="audio",
+                )
+            if w.language is not None and w.language not in languages:
+                raise InvalidRequestError(
+                    f"language {w.language!r} is not supported by model {self.name}",
+                    field="language",
+                )
+
+    def _tokenizer(self, language: str, task: str) -> Any:
+        from faster_whisper.tokenizer import Tokenizer
+
+        key = (language, task)
+        tok = self._tokenizers.get(key)
+        if tok is None:
+            tok = Tokenizer(
+                self._model.hf_tokenizer,
+                self._multilingual,
+                task=task,
+                language=language if self._multilingual else "en",
+            )
+            self._tokenizers[key] = tok
+        return tok
+
+    def _features(self, windows: Sequence[Window]) -> np.ndarray:
+        fe = self._model.feature_extractor
+        feats = []
+        for w in windows:
+            audio = np.ascontiguousarray(w.audio, dtype=np.float32)
+            mel = fe(audio, chunk_length=int(MAX_WINDOW_SECONDS))
+            # Pad or trim to exactly 30 s of frames, as Whisper was trained.
+            if mel.shape[-1] < self._n_frames:
+                mel = np.pad(mel, ((0, 0), (0, self._n_frames - mel.shape[-1])))
+            feats.append(mel[:, : self._n_frames])
+        return np.ascontiguousarray(np.stack(feats).astype(np.float32))
+
+    def _detect_languages(self, encoder_output: Any, count: int) -> list[str]:
+        if not self._multilingual:
+            return ["en"] * count
+        results = self._model.model.detect_language(encoder_output)
+        return [r[0][0][2:-2] for r in results]
+
+    def _prepare(
+        self, windows: list[Window], languages: list[str], options: DecodeOptions
+    ) -> list[_Prepared]:
+        prepared = []
+        for i, (w, lang) in enumerate(zip(windows, languages, strict=True)):
+            tok = self._tokenizer(lang, options.task)
+            previous = tok.encode(" " + w.prompt.strip()) if w.prompt else []
+            prompt = self._model.get_prompt(
+                tok,
+                previous,
+                without_timestamps=options.without_timestamps,
+                hotwords=w.hotwords,
+            )
+            sot_index = prompt.index(tok.sot)
+            budget = min(options.token_budget(w.duration), self._model.max_length - len(prompt))
+            prepared.append(_Prepared(i, w, lang, prompt, sot_index, max(budget, 1)))
+        return prepared
+
+    def _transcribe_locked(self, windows: list[Window], options: DecodeOptions) -> list[Hypothesis]:
+        features = self._features(windows)
+        encoder_output = self._model.encode(features)
+        languages = [w.language for w in windows]
+        if any(lang is None for lang in languages):
+            detected = self._detect_languages(encoder_output, len(windows))
+            languages = [lang or d for lang, d in zip(languages, detected, strict=True)]
+        prepared = self._prepare(windows, [lang or "en" for lang in languages], options)
+
+        groups: dict[tuple[int, int, str], list[_Prepared]] = {}
+        for p in prepared:
+            groups.setdefault((p.sot_index, len(p.prompt), p.language), []).append(p)
+
+        out: list[Hypothesis | None] = [None] * len(windows)
+        for group in groups.values():
+            idx = [p.index for p in group]
+            # The common case is one group: reuse the batch's encoder output.
+            enc = encoder_output if len(groups) == 1 else self._model.encode(features[idx])
+            for p, hyp in zip(group, self._decode_group(enc, group, options), strict=True):
+                out[p.index] = hyp
+        return [h for h in out if h is not None]
+
+    def _decode_group(
+        self, encoder_output: Any, group: list[_Prepared], options: DecodeOptions
+    ) -> list[Hypothesis]:
+        from faster_whisper.transcribe import get_suppressed_tokens
+
+        model = self._model
+        tok = self._tokenizer(group[0].language, options.task)
+        max_length = max(len(p.prompt) + p.budget for p in group)
+        suppress = get_suppressed_tokens(tok, list(options.suppress_tokens))
+        sampling = options.temperature > 0 and options.beam_size == 1
+        results = model.model.generate(
+            encoder_output,
+            [p.prompt for p in group],
+            beam_size=options.beam_size,
+            patience=options.patience,
+            length_penalty=options.length_penalty,
+            max_length=max_length,
+            suppress_blank=options.suppress_blank,
+            suppress_tokens=suppress,
+            return_scores=True,
+            return_no_speech_prob=True,
+            sampling_temperature=options.temperature if sampling else 1.0,
+            sampling_topk=0 if sampling else 1,
+            repetition_penalty=options.repetition_penalty,
+            no_repeat_ngram_size=options.no_repeat_ngram_size,
+        )
+        seg_dicts: list[list[dict[str, Any]]] = []
+        scored: list[tuple[list[int], float, float]] = []
+        for p, res in zip(group, results, strict=True):
+            tokens = list(res.sequences_ids[0])[: p.budget]
+            seq_len = len(res.sequences_ids[0])
+            cum = res.scores[0] * (seq_len**options.length_penalty)
+            scored.append((tokens, float(cum / (seq_len + 1)), float(res.no_speech_prob)))
+            seg_dicts.append(self._segments(tok, tokens, p.window.duration))
+
+        if options.word_timestamps:
+            frames = [
+                min(self._n_frames, math.ceil(p.window.duration * model.frames_per_second))
+                for p in group
+            ]
+            model.add_word_timestamps(
+                seg_dicts, tok, encoder_output, frames, _PREPEND_PUNCT, _APPEND_PUNCT, 0.0
+            )
+
+        hyps = []
+        for p, (tokens, avg_logprob, no_speech), segs in zip(group, scored, seg_dicts, strict=True):
+            segments = tuple(self._to_segment(tok, s, p.window.duration) for s in segs)
+            words = tuple(wd for s in segments for wd in s.words)
+            text_tokens = [t for t in tokens if t < tok.eot]
+            hyps.append(
+                Hypothesis(
+                    text=tok.decode(text_tokens).strip(),
+                    tokens=tuple(tokens),
+                    segments=segments,
+                    language=p.language,
+                    avg_logprob=avg_logprob,
+                    no_speech_prob=no_speech,
+                    words=words,
+                )
+            )
+        return hyps
+
+    def _segments(self, tok: Any, tokens: list[int], duration: float) -> list[dict[str, Any]]:
+        model = self._model
+        size = min(self._n_frames, math.ceil(duration * model.frames_per_second))
+        subsegments, _, _ = model._split_segments_by_timestamps(
+            tokenizer=tok,
+            tokens=tokens,
+            time_offset=0.0,
+            segment_size=size,
+            segment_duration=duration,
+            seek=0,
+        )
+        segs: list[dict[str, Any]] = [
+            s for s in subsegments if any(t < tok.eot for t in s["tokens"])
+        ]
+        return segs or [dict(seek=0, start=0.0, end=duration, tokens=[])]
+
+    @staticmethod
+    def _to_segment(tok: Any, seg: dict[str, Any], duration: float) -> Segment:
+        text_tokens = [t for t in seg["tokens"] if t < tok.eot]
+        words = tuple(
+            WordTiming(
+                word=str(w["word"]),
+                start=float(w["start"]),
+                end=float(w["end"]),
+                probability=float(w["probability"]),
+            )
+            for w in seg.get("words") or ()
+        )
+        return Segment(
+            start=float(max(0.0, seg["start"])),
+            end=float(min(duration, seg["end"])),
+            text=tok.decode(text_tokens).strip(),
+            tokens=tuple(int(t) for t in seg["tokens"]),
+            words=words,
+        )
+
+
+def window_from_samples(audio: np.ndarray, **kwargs: Any) -> Window:
+    """A Window from float32 16 kHz samples (convenience for callers and tests)."""
+    return Window(audio=np.ascontiguousarray(audio, dtype=np.float32), **kwargs)
+
+
+__all__ = ["SAMPLE_RATE", "RunnerSettings", "WhisperRunner", "pick_device"]

@@ -1,0 +1,356 @@
+"""The ``earshot`` command: transcribe files, manage models (and serve, stream).
+
+Exit codes: 0 success; 1 some input failed (the others were still written);
+2 bad usage or configuration (unknown model, bad option).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from service import __version__
+from service.errors import EarshotError
+
+EXIT_OK = 0
+EXIT_INPUT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _err(message: str) -> None:
+    print(f"earshot: {message}", file=sys.stderr)
+
+
+# -- models ---------------------------------------------------------------
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from models.store import ModelStore
+
+    return ModelStore(Path(args.models_dir) if args.models_dir else None)
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from models.catalog import CATALOG
+    from models.provenance import read_record
+
+    store = _store(args)
+    local = store.names()
+    print(f"model store: {store.root}")
+    if local:
+        print("\nin the store:")
+        for name in local:
+            record = read_record(store.path_for(name))
+            source = record.source if record else "no record (run earshot models import)"
+            print(f"  {name:<22} {source}")
+    else:
+        print("\nin the store: none")
+    print("\ncatalogue (earshot models pull NAME where the hub is reachable):")
+    for entry in CATALOG.values():
+        mark = "*" if store.path_for(entry.name).exists() else " "
+        print(
+            f" {mark}{entry.name:<18} {entry.parameters:>6}  {entry.languages:<13} "
+            f"{entry.suggested_device:<20} {entry.hub_repo}"
+        )
+    return EXIT_OK
+
+
+def cmd_models_show(args: argparse.Namespace) -> int:
+    from models.catalog import lookup
+    from models.provenance import ChecksumCache, folder_provenance
+
+    store = _store(args)
+    resolved = store.resolve(args.name)
+    prov = folder_provenance(resolved.path, name=resolved.name, cache=ChecksumCache())
+    info: dict[str, Any] = {"name": resolved.name, "found_as": resolved.how}
+    info.update(prov.to_dict())
+    entry = lookup(resolved.name)
+    if entry:
+        info["catalogue"] = entry.to_dict()
+    print(json.dumps(info, indent=2))
+    return EXIT_OK
+
+
+def cmd_models_verify(args: argparse.Namespace) -> int:
+    from models.provenance import verify_folder
+
+    store = _store(args)
+    resolved = store.resolve(args.name)
+    result = verify_folder(resolved.path)
+    print(result.describe())
+    return EXIT_OK if result.ok else EXIT_INPUT_FAILED
+
+
+def cmd_models_import(args: argparse.Namespace) -> int:
+    store = _store(args)
+    resolved = store.import_folder(Path(args.path), args.name, move=args.move)
+    record = resolved.record
+    print(f"imported {resolved.name} into {resolved.path}")
+    if record:
+        for name, digest in sorted(record.files.items()):
+            print(f"  {digest.sha256}  {name}")
+    return EXIT_OK
+
+
+def cmd_models_pull(args: argparse.Namespace) -> int:
+    store = _store(args)
+    resolved = store.pull(
+        args.name, revision=args.revision, progress=lambda m: print(m, file=sys.stderr)
+    )
+    rev = resolved.record.revision if resolved.record else None
+    print(f"pulled {resolved.name} (revision {rev}) into {resolved.path}")
+    return EXIT_OK
+
+
+# -- transcribe -------------------------------------------------------------
+
+
+def _load_runner(args: argparse.Namespace) -> Any:
+    from models.runner import RunnerSettings, WhisperRunner
+
+    store = _store(args)
+    resolved = store.resolve(args.model, allow_download=args.allow_download)
+    settings = RunnerSettings(
+        device=args.device, compute_type=args.compute_type, cpu_threads=args.cpu_threads
+    )
+    return WhisperRunner(resolved.path, settings, name=resolved.name)
+
+
+def _default_batch_size(runner: Any) -> int:
+    # Batching is where a GPU's throughput comes from; on a CPU it barely helps
+    # (bench/batch_throughput.py), so keep batches small there.
+    return 16 if getattr(runner, "device", "cpu") == "cuda" else 4
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    from models.backend import DecodeOptions
+    from models.vad import VadSettings, segment_speech
+    from service.audiofile import load_audio
+    from service.batch import BatchStats, transcribe_files
+    from service.formats import render
+
+    stdin_bytes: bytes | None = None
+    if "-" in args.files:
+        stdin_bytes = sys.stdin.buffer.read()
+
+    def loader(label: str) -> Any:
+        if label == "-":
+            return load_audio(stdin_bytes or b"", label="<stdin>")
+        return load_audio(label)
+
+    runner = _load_runner(args)
+    batch_size = args.batch_size or _default_batch_size(runner)
+    options = DecodeOptions(
+        beam_size=args.beam_size,
+        word_timestamps=args.word_timestamps,
+        task="translate" if args.translate else "transcribe",
+    )
+    vad = VadSettings()
+    out_dir = Path(args.output_dir) if args.output_dir else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "model": runner.provenance(),
+        "options": {
+            **options.to_dict(),
+            "language": args.language,
+            "batch_size": batch_size,
+            "vad": vad.to_dict() if hasattr(vad, "to_dict") else {},
+        },
+        "earshot_version": __version__,
+    }
+
+    bar = _progress_bar(args)
+    stats = BatchStats()
+    failed = 0
+
+    def on_audio(seconds: float) -> None:
+        if bar is not None:
+            bar.total = (bar.total or 0) + seconds
+            bar.refresh()
+
+    def on_progress(seconds: float) -> None:
+        if bar is not None:
+            bar.update(seconds)
+            elapsed = bar.format_dict.get("elapsed") or 0.0
+            if elapsed > 0:
+                bar.set_postfix_str(f"{bar.n / elapsed:.1f}x realtime", refresh=False)
+
+    outcomes = transcribe_files(
+        args.files,
+        runner,
+        options,
+        lambda audio: [(s.start, s.end) for s in segment_speech(audio, vad)],
+        batch_size=batch_size,
+        language=args.language,
+        loader=loader,
+        on_audio=on_audio,
+        on_progress=on_progress,
+        stats=stats,
+    )
+    for outcome in outcomes:
+        if outcome.error is not None or outcome.transcript is None:
+            failed += 1
+            message = outcome.error.message if outcome.error else "failed"
+            code = outcome.error.code if outcome.error else "internal_error"
+            _write_line(bar, f"earshot: error: {message} [{code}]")
+            continue
+        transcript = outcome.transcript
+        transcript.metadata.update(metadata)
+        text = render(transcript, args.format)
+        if out_dir:
+            stem = "stdin" if outcome.label == "-" else Path(outcome.label).stem
+            (out_dir / f"{stem}.{args.format}").write_text(text, encoding="utf-8")
+        elif args.format == "json":
+            sys.stdout.write(json.dumps(json.loads(text), ensure_ascii=False) + "\n")
+        else:
+            sys.stdout.write(text)
+        sys.stdout.flush()
+    if bar is not None:
+        bar.close()
+    if stats.wall_seconds > 0 and not args.quiet:
+        print(
+            f"earshot: {stats.audio_seconds:.1f} s of audio in {stats.wall_seconds:.1f} s "
+            f"({stats.audio_seconds / stats.wall_seconds:.1f}x realtime), "
+            f"{stats.windows} windows in {stats.batches} batches, {failed} failed",
+            file=sys.stderr,
+        )
+    return EXIT_INPUT_FAILED if failed else EXIT_OK
+
+
+def _progress_bar(args: argparse.Namespace) -> Any:
+    if args.quiet or args.no_progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=0.0,
+        unit="s",
+        unit_scale=False,
+        desc="audio",
+        file=sys.stderr,
+        bar_format=(
+            "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s "
+            "[{elapsed}<{remaining}{postfix}]"
+        ),
+        dynamic_ncols=True,
+    )
+
+
+def _write_line(bar: Any, line: str) -> None:
+    if bar is not None:
+        bar.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr)
+
+
+# -- parser ---------------------------------------------------------------
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=os.environ.get("EARSHOT_MODEL", "base"),
+        help="model folder, store name or catalogue name (default: $EARSHOT_MODEL or base)",
+    )
+    p.add_argument(
+        "--device",
+        default=os.environ.get("EARSHOT_DEVICE", "auto"),
+        choices=["auto", "cpu", "cuda"],
+    )
+    p.add_argument(
+        "--compute-type",
+        default=os.environ.get("EARSHOT_COMPUTE_TYPE", "auto"),
+        help="auto: float16 on cuda, int8 on cpu",
+    )
+    p.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=int(os.environ.get("EARSHOT_CPU_THREADS", "0")),
+        help="CTranslate2 threads on CPU (0: automatic)",
+    )
+    p.add_argument(
+        "--allow-download",
+        action="store_true",
+        default=os.environ.get("EARSHOT_ALLOW_DOWNLOAD", "") == "1",
+        help="download a catalogue model from the hub if it is not in the store",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="earshot", description="Self-hosted streaming speech-to-text."
+    )
+    parser.add_argument("--version", action="version", version=f"earshot {__version__}")
+    parser.add_argument(
+        "--models-dir",
+        default=None,
+        help="model store folder (default: $EARSHOT_MODELS_DIR or ~/.local/share/earshot/models)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("transcribe", help="transcribe audio files")
+    t.add_argument("files", nargs="+", help="audio files; - reads standard input")
+    _add_model_args(t)
+    t.add_argument("--language", default=None, help="language code (default: detect)")
+    t.add_argument("--format", default="txt", choices=["txt", "srt", "vtt", "json"])
+    t.add_argument(
+        "--output-dir", default=None, help="write NAME.FORMAT files here (default: standard output)"
+    )
+    t.add_argument(
+        "--batch-size",
+        type=int,
+        default=0,
+        help="windows per batch (default: 16 on cuda, 4 on cpu)",
+    )
+    t.add_argument("--beam-size", type=int, default=5)
+    t.add_argument("--word-timestamps", action="store_true")
+    t.add_argument("--translate", action="store_true", help="translate to English")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    t.set_defaults(func=cmd_transcribe)
+
+    m = sub.add_parser("models", help="list, show, verify, pull or import models")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    ml = msub.add_parser("list", help="models in the store and in the catalogue")
+    ml.set_defaults(func=cmd_models_list)
+    ms = msub.add_parser("show", help="provenance of a model")
+    ms.add_argument("name")
+    ms.set_defaults(func=cmd_models_show)
+    mv = msub.add_parser("verify", help="check a model's files against their recorded sha256")
+    mv.add_argument("name")
+    mv.set_defaults(func=cmd_models_verify)
+    mp = msub.add_parser("pull", help="download a model from the hub into the store")
+    mp.add_argument("name")
+    mp.add_argument("--revision", default=None)
+    mp.set_defaults(func=cmd_models_pull)
+    mi = msub.add_parser("import", help="copy a model folder into the store and record it")
+    mi.add_argument("path")
+    mi.add_argument("--name", default=None)
+    mi.add_argument("--move", action="store_true", help="move instead of copy")
+    mi.set_defaults(func=cmd_models_import)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "batch_size", 0) < 0:
+        parser.error("--batch-size must be positive")
+    try:
+        return int(args.func(args))
+    except EarshotError as exc:
+        _err(f"{exc.message} [{exc.code}]")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
