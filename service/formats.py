@@ -42,7 +42,7 @@ class Transcript:
 
     @property
     def text(self) -> str:
-        return " ".join(s.text for s in self.segments if s.text).strip()
+        return " ".join(s.text.strip() for s in self.segments if s.text.strip())
 
 
 def timestamp(seconds: float, *, decimal: str) -> str:
