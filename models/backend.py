@@ -65,6 +65,10 @@ class DecodeOptions:
     word_timestamps: bool = False
     max_tokens_per_second: float = 8.0
     min_tokens: int = 16
+    # Previous text is cut to its last N tokens. Prompts of equal token length
+    # share one decoder call (see models/runner.py), so a fixed, short prompt
+    # keeps the finals of many streams in one batch.
+    max_prompt_tokens: int = 64
 
     def to_dict(self) -> dict[str, Any]:
         """The options as plain JSON values, for provenance records."""
@@ -82,6 +86,7 @@ class DecodeOptions:
             "word_timestamps": self.word_timestamps,
             "max_tokens_per_second": self.max_tokens_per_second,
             "min_tokens": self.min_tokens,
+            "max_prompt_tokens": self.max_prompt_tokens,
         }
 
     def token_budget(self, duration: float) -> int:

@@ -250,6 +250,7 @@ class WhisperRunner:
         for i, (w, lang) in enumerate(zip(windows, languages, strict=True)):
             tok = self._tokenizer(lang, options.task)
             previous = tok.encode(" " + w.prompt.strip()) if w.prompt else []
+            previous = previous[-options.max_prompt_tokens :] if options.max_prompt_tokens else []
             prompt = self._model.get_prompt(
                 tok,
                 previous,

@@ -1,0 +1,174 @@
+"""The server's one frozen configuration, built from a TOML file, ``EARSHOT_*``
+environment variables and command-line flags (later sources win).
+
+Every setting has a name, a type, a default and a description; the same name
+is used in all three sources: ``max_streams`` is ``max_streams = 64`` in the
+file, ``EARSHOT_MAX_STREAMS=64`` in the environment and ``--max-streams 64``
+on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from service.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything ``earshot serve`` needs. Build with :func:`load_config`."""
+
+    host: str = _f("127.0.0.1", "address to listen on")
+    port: int = _f(8000, "port to listen on")
+    model: str = _f("base", "model folder, store name or catalogue name")
+    models_dir: str = _f("", "model store folder (default ~/.local/share/earshot/models)")
+    allow_download: bool = _f(False, "download a catalogue model from the hub if missing")
+    device: str = _f("auto", "auto, cpu or cuda")
+    compute_type: str = _f("auto", "auto: float16 on cuda, int8 on cpu")
+    cpu_threads: int = _f(0, "CTranslate2 threads on CPU (0: automatic)")
+    language: str = _f("en", "language when a stream names none (auto: detect)")
+    max_batch: int = _f(0, "jobs per batch (0: 4 on cpu, 16 on cuda)")
+    max_wait_ms: int = _f(10, "how long a batch may wait to fill")
+    max_queue: int = _f(256, "queued jobs past which the server counts as overloaded")
+    max_streams: int = _f(64, "concurrent streams; more are refused with 503")
+    final_beam_size: int = _f(5, "beam size of final decodes")
+    interim_step_s: float = _f(0.75, "seconds of new audio between interim decodes")
+    max_utterance_s: float = _f(20.0, "longest utterance; longer speech is cut at a quiet point")
+    lag_warning_s: float = _f(5.0, "warn a stream this far behind real time")
+    lag_limit_s: float = _f(30.0, "close a stream this far behind real time")
+    max_frame_bytes: int = _f(1_048_576, "largest websocket message accepted")
+    idle_timeout_s: float = _f(30.0, "close a stream with no audio and no KeepAlive this long")
+    max_pending_messages: int = _f(
+        1000, "server messages queued for a slow client before it is closed"
+    )
+    log_level: str = _f("info", "debug, info, warning or error")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _convert(name: str, kind: Any, raw: Any) -> Any:
+    try:
+        if kind in (bool, "bool"):
+            if isinstance(raw, bool):
+                return raw
+            value = str(raw).strip().lower()
+            if value in ("1", "true", "yes", "on"):
+                return True
+            if value in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(value)
+        if kind in (int, "int"):
+            return int(raw)
+        if kind in (float, "float"):
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"setting {name} must be of type {getattr(kind, '__name__', kind)}, not {raw!r}",
+            field=name,
+        ) from None
+
+
+def _validate(cfg: Config) -> Config:
+    checks = [
+        ("port", 0 <= cfg.port <= 65535, "from 0 to 65535"),
+        ("max_batch", 0 <= cfg.max_batch <= 256, "from 0 to 256"),
+        ("max_wait_ms", 0 <= cfg.max_wait_ms <= 1000, "from 0 to 1000"),
+        ("max_streams", cfg.max_streams >= 1, "at least 1"),
+        ("max_queue", cfg.max_queue >= 1, "at least 1"),
+        ("final_beam_size", 1 <= cfg.final_beam_size <= 16, "from 1 to 16"),
+        ("interim_step_s", 0.1 <= cfg.interim_step_s <= 10, "from 0.1 to 10"),
+        ("max_utterance_s", 2 <= cfg.max_utterance_s <= 29, "from 2 to 29"),
+        (
+            "lag_limit_s",
+            cfg.lag_warning_s < cfg.lag_limit_s <= 35,
+            "above lag_warning_s, at most 35",
+        ),
+        ("max_frame_bytes", cfg.max_frame_bytes >= 1024, "at least 1024"),
+        ("idle_timeout_s", cfg.idle_timeout_s > 0, "above 0"),
+        ("device", cfg.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+    ]
+    for name, ok, allowed in checks:
+        if not ok:
+            raise ConfigError(
+                f"setting {name} must be {allowed}, not {getattr(cfg, name)!r}", field=name
+            )
+    return cfg
+
+
+def load_config(
+    *,
+    file: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Defaults, then the TOML ``file`` (``[earshot]`` table or top level),
+    then ``EARSHOT_*`` variables of ``env``, then ``overrides`` (flags; None
+    values are ignored). Raises ConfigError naming the setting on bad values
+    or unknown keys in the file."""
+    known = {f.name: f for f in fields(Config)}
+    values: dict[str, Any] = {}
+    if file:
+        path = Path(file)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}", field="config") from exc
+        table = data.get("earshot", data)
+        for key, raw in table.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"unknown setting {key!r} in {path}", field=key)
+            values[name] = _convert(name, known[name].type, raw)
+    environ = os.environ if env is None else env
+    for name, f in known.items():
+        raw = environ.get("EARSHOT_" + name.upper())
+        if raw is not None:
+            values[name] = _convert(name, f.type, raw)
+    for name, raw in (overrides or {}).items():
+        if raw is not None and name in known:
+            values[name] = _convert(name, known[name].type, raw)
+    return _validate(replace(Config(), **values))
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per setting (default None, so unset flags don't override)."""
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("EARSHOT_CONFIG"),
+        help="TOML config file (or $EARSHOT_CONFIG)",
+    )
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default {f.default!r})"
+        if f.type in (bool, "bool"):
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                default=None,
+                action=argparse.BooleanOptionalAction,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(Config)}
+    return load_config(file=args.config, overrides=overrides)
