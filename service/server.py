@@ -1,0 +1,415 @@
+"""The asyncio shell: the aiohttp application and its websocket handler.
+
+It moves bytes between the network and the pure core (protocol, session) and
+the shared scheduler, and does nothing clever itself. One :class:`Engine`
+holds the one backend and the one scheduler every stream shares.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from models.backend import Backend, DecodeOptions, Hypothesis
+from models.vad import FrameModel, StreamingVad, VadSettings
+from service import __version__
+from service.config import Config
+from service.errors import EarshotError
+from service.protocol import (
+    CLOSE_CLIENT_NOT_READING,
+    CLOSE_IDLE,
+    CLOSE_INTERNAL,
+    CLOSE_NORMAL,
+    CLOSE_TOO_LARGE,
+    InvalidMessageError,
+    ModelUnavailableError,
+    StreamParams,
+    error_message,
+    event_message,
+    metadata_message,
+    parse_control,
+    parse_params,
+)
+from service.scheduler import DecodeJob, JobKind, Scheduler, SchedulerSettings, default_max_batch
+from service.session import FINAL, DecodeRequest, Output, SessionSettings, StreamSession
+
+log = logging.getLogger("earshot.server")
+
+# Names that Deepgram clients send by default; they all mean "the served model".
+_DEEPGRAM_MODEL_PREFIXES = ("nova", "enhanced", "general", "base", "whisper")
+
+
+class FrameTooLargeError(EarshotError):
+    code = "frame_too_large"
+    http_status = 413
+    ws_close_code = CLOSE_TOO_LARGE
+
+
+class IdleTimeoutError(EarshotError):
+    code = "idle_timeout"
+    http_status = 408
+    ws_close_code = CLOSE_IDLE
+
+
+class ClientNotReadingError(EarshotError):
+    code = "client_not_reading"
+    http_status = 400
+    ws_close_code = CLOSE_CLIENT_NOT_READING
+
+
+class ServerFullError(EarshotError):
+    code = "server_full"
+    http_status = 503
+
+
+def final_options(cfg: Config) -> DecodeOptions:
+    return DecodeOptions(
+        beam_size=cfg.final_beam_size, without_timestamps=True, word_timestamps=True
+    )
+
+
+def interim_options(cfg: Config) -> DecodeOptions:
+    return DecodeOptions(beam_size=1, without_timestamps=True, word_timestamps=False)
+
+
+@dataclass
+class Engine:
+    """What every stream shares: the configuration, the backend and its queue."""
+
+    config: Config
+    backend: Backend
+    scheduler: Scheduler
+    vad_model: FrameModel | None = None
+    vad_factory: Callable[[VadSettings], StreamingVad] | None = None
+    session_settings: SessionSettings = field(default_factory=SessionSettings)
+    policy: dict[str, Any] = field(default_factory=dict)
+    active_streams: int = 0
+    streams_total: int = 0
+
+    @classmethod
+    def create(
+        cls,
+        config: Config,
+        backend: Backend,
+        *,
+        vad_model: FrameModel | None = None,
+        vad_factory: Callable[[VadSettings], StreamingVad] | None = None,
+    ) -> Engine:
+        device = str(getattr(backend, "device", "cpu"))
+        settings = SchedulerSettings(
+            max_batch=config.max_batch or default_max_batch(device),
+            max_wait_ms=config.max_wait_ms,
+            max_queue=config.max_queue,
+        )
+        scheduler = Scheduler(
+            backend,
+            settings,
+            final_options=final_options(config),
+            interim_options=interim_options(config),
+        )
+        session_settings = SessionSettings(
+            interim_step_s=config.interim_step_s,
+            max_utterance_s=config.max_utterance_s,
+            lag_warning_s=config.lag_warning_s,
+            lag_limit_s=config.lag_limit_s,
+        )
+        return cls(
+            config,
+            backend,
+            scheduler,
+            vad_model=vad_model,
+            vad_factory=vad_factory,
+            session_settings=session_settings,
+            policy={
+                "on_prem_only": False,
+                "remote_backends": [],
+                "audio_stored": False,
+                "transcripts_stored": False,
+            },
+        )
+
+    @property
+    def model_name(self) -> str:
+        return self.backend.name
+
+    def decoding(self) -> dict[str, Any]:
+        return {
+            "final": self.scheduler.final_options.to_dict(),
+            "interim": self.scheduler.interim_options.to_dict(),
+            "max_batch": self.scheduler.settings.max_batch,
+        }
+
+
+ENGINE = web.AppKey("engine", Engine)
+
+
+def json_error(
+    err: EarshotError, *, status: int | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response(
+        {"type": "Error", **err.to_dict()}, status=status or err.http_status, headers=headers
+    )
+
+
+def _check_model(engine: Engine, params: StreamParams) -> None:
+    name = params.model
+    if name is None or name == engine.model_name:
+        return
+    if name.lower().startswith(_DEEPGRAM_MODEL_PREFIXES):
+        return
+    raise ModelUnavailableError(
+        f"model {name!r} is not served here; this server runs {engine.model_name!r}",
+        field="model",
+        served=engine.model_name,
+    )
+
+
+class LiveStream:
+    """One ``/v1/listen`` connection: reads frames, drives the session, sends events."""
+
+    def __init__(self, engine: Engine, ws: web.WebSocketResponse, params: StreamParams) -> None:
+        self.engine = engine
+        self.ws = ws
+        self.params = params
+        self.request_id = str(uuid.uuid4())
+        self.created = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        self.session = StreamSession(
+            params,
+            engine.session_settings,
+            engine.vad_model,
+            vad_factory=engine.vad_factory,
+        )
+        self._outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(
+            maxsize=engine.config.max_pending_messages
+        )
+        self._futures: set[asyncio.Future[Hypothesis | None]] = set()
+        self._finals_done = asyncio.Event()
+        self._finals_done.set()
+        self._fatal: EarshotError | None = None
+
+    # -- sending --------------------------------------------------------------
+
+    def _send(self, message: dict[str, Any]) -> None:
+        try:
+            self._outbox.put_nowait(message)
+        except asyncio.QueueFull:
+            self._fatal = self._fatal or ClientNotReadingError(
+                f"the client has not read its last {self._outbox.maxsize} messages "
+                "(max_pending_messages)",
+                limit=self._outbox.maxsize,
+            )
+
+    async def _sender(self) -> None:
+        while True:
+            message = await self._outbox.get()
+            if message is None:
+                return
+            await self.ws.send_str(json.dumps(message, ensure_ascii=False))
+
+    def _emit(self, events: list[Any]) -> None:
+        for ev in events:
+            self._send(event_message(ev, self.request_id, self.engine.model_name))
+
+    # -- decoding -------------------------------------------------------------
+
+    def _submit(self, out: Output) -> None:
+        self._emit(out.events)
+        for req in out.requests:
+            kind = JobKind.FINAL if req.kind == FINAL else JobKind.INTERIM
+            job = DecodeJob(
+                key=(self.request_id, req.channel), kind=kind, window=req.window, tag=req
+            )
+            fut = self.engine.scheduler.submit(job)
+            self._futures.add(fut)
+            if req.kind == FINAL:
+                self._finals_done.clear()
+            fut.add_done_callback(lambda f, r=req: self._on_done(r, f))
+
+    def _on_done(self, req: DecodeRequest, fut: asyncio.Future[Hypothesis | None]) -> None:
+        self._futures.discard(fut)
+        if fut.cancelled():
+            hyp, err = None, asyncio.CancelledError()
+        elif fut.exception() is not None:
+            hyp, err = None, fut.exception()
+            log.warning("decode failed: %s", err, extra={"session": self.request_id})
+        else:
+            hyp, err = fut.result(), None
+        self._emit(self.session.on_result(req, hyp, err))
+        if self.session.pending_finals == 0:
+            self._finals_done.set()
+
+    # -- main loop ------------------------------------------------------------
+
+    async def run(self) -> None:
+        engine = self.engine
+        cfg = engine.config
+        sender = asyncio.create_task(self._sender())
+        self._send(
+            metadata_message(
+                request_id=self.request_id,
+                created=self.created,
+                params=self.params,
+                provenance=engine.backend.provenance(),
+                policy=engine.policy,
+                decoding=engine.decoding(),
+            )
+        )
+        close_code = CLOSE_NORMAL
+        client_gone = False
+        try:
+            while self._fatal is None:
+                try:
+                    msg = await self.ws.receive(timeout=cfg.idle_timeout_s)
+                except asyncio.TimeoutError:
+                    raise IdleTimeoutError(
+                        f"no audio and no KeepAlive for {cfg.idle_timeout_s:g} s (idle_timeout_s)",
+                        limit_s=cfg.idle_timeout_s,
+                    ) from None
+                if msg.type == WSMsgType.BINARY:
+                    data: bytes = msg.data
+                    if len(data) > cfg.max_frame_bytes:
+                        raise FrameTooLargeError(
+                            f"a binary frame of {len(data)} bytes is over the limit of "
+                            f"{cfg.max_frame_bytes} bytes (max_frame_bytes)",
+                            size=len(data),
+                            limit=cfg.max_frame_bytes,
+                        )
+                    key = (self.request_id, 0)
+                    allowed = engine.scheduler.should_submit_interim(key)
+                    self._submit(self.session.push(data, interims_allowed=allowed))
+                    self._emit(self.session.check_lag())
+                elif msg.type == WSMsgType.TEXT:
+                    try:
+                        kind = parse_control(msg.data)
+                    except InvalidMessageError as exc:
+                        self._send(error_message(exc))
+                        continue
+                    if kind == "Finalize":
+                        self._submit(self.session.finalize())
+                    elif kind == "CloseStream":
+                        break
+                else:  # CLOSE, CLOSING, CLOSED, ERROR: the client is gone
+                    client_gone = True
+                    break
+            if self._fatal is not None:
+                raise self._fatal
+        except EarshotError as exc:
+            close_code = exc.ws_close_code
+            log.info(
+                "stream error %s: %s", exc.code, exc.message, extra={"session": self.request_id}
+            )
+            self._send(error_message(exc))
+        except Exception as exc:  # a bug: report, flush, close
+            log.exception("stream failed", extra={"session": self.request_id})
+            close_code = CLOSE_INTERNAL
+            self._send({"type": "Error", "code": "internal_error", "message": str(exc)})
+        try:
+            if not client_gone:
+                await self._flush()
+        finally:
+            for fut in list(self._futures):
+                fut.cancel()
+            with contextlib.suppress(asyncio.QueueFull):
+                self._outbox.put_nowait(None)
+            if not client_gone:
+                with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+                    await asyncio.wait_for(asyncio.shield(sender), timeout=5.0)
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
+                await sender
+            await self.ws.close(code=close_code)
+
+    async def _flush(self) -> None:
+        """Finish the stream: decode every open utterance and wait for its final."""
+        out, error = self.session.finish()
+        self._submit(out)
+        if error is not None:
+            self._send(error_message(error))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._finals_done.wait(), timeout=30.0)
+        self._send(
+            metadata_message(
+                request_id=self.request_id,
+                created=self.created,
+                params=self.params,
+                provenance=self.engine.backend.provenance(),
+                policy=self.engine.policy,
+                decoding=self.engine.decoding(),
+                duration=self.session.received_seconds,
+            )
+        )
+
+
+async def handle_listen(request: web.Request) -> web.StreamResponse:
+    engine = request.app[ENGINE]
+    cfg = engine.config
+    if engine.active_streams >= cfg.max_streams:
+        return json_error(
+            ServerFullError(
+                f"the server is at its limit of {cfg.max_streams} streams (max_streams)",
+                limit=cfg.max_streams,
+            ),
+            headers={"Retry-After": "5"},
+        )
+    if engine.scheduler.is_overloaded():
+        return json_error(
+            ServerFullError("the decode queue is past its high watermark (max_queue)"),
+            headers={"Retry-After": "2"},
+        )
+    try:
+        params = parse_params(list(request.query.items()), default_language=_lang(cfg.language))
+        _check_model(engine, params)
+    except EarshotError as exc:
+        return json_error(exc)
+    ws = web.WebSocketResponse(max_msg_size=cfg.max_frame_bytes * 4, timeout=5.0)
+    await ws.prepare(request)
+    engine.active_streams += 1
+    engine.streams_total += 1
+    try:
+        await LiveStream(engine, ws, params).run()
+    finally:
+        engine.active_streams -= 1
+    return ws
+
+
+def _lang(value: str) -> str | None:
+    return None if value.lower() in ("auto", "") else value
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "version": __version__})
+
+
+async def handle_ready(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    ready = not engine.scheduler.is_overloaded()
+    return web.json_response(
+        {"ready": ready, "active_streams": engine.active_streams},
+        status=200 if ready else 503,
+    )
+
+
+def create_app(engine: Engine) -> web.Application:
+    """The aiohttp application for ``engine``; starts and stops its scheduler."""
+    app = web.Application()
+    app[ENGINE] = engine
+
+    async def lifecycle(app: web.Application) -> Any:
+        await engine.scheduler.start()
+        yield
+        await engine.scheduler.stop()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_get("/v1/listen", handle_listen)
+    app.router.add_get("/healthz", handle_health)
+    app.router.add_get("/readyz", handle_ready)
+    return app
