@@ -195,6 +195,8 @@ def parse_params(
         elif key in IGNORED_PARAMETERS:
             ignored.append(key)
         elif key in KNOWN_PARAMETERS:
+            if key in single:
+                raise InvalidParameterError(f"parameter {key!r} is given more than once", field=key)
             single[key] = value
         else:
             raise UnknownParameterError(
