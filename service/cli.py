@@ -249,6 +249,45 @@ def _write_line(bar: Any, line: str) -> None:
         print(line, file=sys.stderr)
 
 
+# -- serve ----------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from aiohttp import web
+
+    from models.runner import RunnerSettings, WhisperRunner
+    from models.store import ModelStore
+    from models.vad import shared_model
+    from service.config import config_from_args
+    from service.server import Engine, create_app
+
+    cfg = config_from_args(args)
+    logging.basicConfig(
+        level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    store = ModelStore(Path(cfg.models_dir) if cfg.models_dir else None)
+    resolved = store.resolve(cfg.model, allow_download=cfg.allow_download)
+    print(f"earshot: loading model {resolved.name} from {resolved.path}", file=sys.stderr)
+    runner = WhisperRunner(
+        resolved.path,
+        RunnerSettings(
+            device=cfg.device, compute_type=cfg.compute_type, cpu_threads=cfg.cpu_threads
+        ),
+        name=resolved.name,
+    )
+    engine = Engine.create(cfg, runner, vad_model=shared_model())
+    print(
+        f"earshot: serving {runner.name} on {runner.device} ({runner.compute_type}), "
+        f"batches of up to {engine.scheduler.settings.max_batch}; "
+        f"stream at ws://{cfg.host}:{cfg.port}/v1/listen",
+        file=sys.stderr,
+    )
+    web.run_app(create_app(engine), host=cfg.host, port=cfg.port, print=None)
+    return EXIT_OK
+
+
 # -- parser ---------------------------------------------------------------
 
 
@@ -314,6 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     t.set_defaults(func=cmd_transcribe)
+
+    sv = sub.add_parser("serve", help="run the streaming server")
+    from service.config import add_config_flags
+
+    add_config_flags(sv)
+    sv.set_defaults(func=cmd_serve)
+
+    from clients.stream_cli import add_stream_parser
+
+    add_stream_parser(sub)
 
     m = sub.add_parser("models", help="list, show, verify, pull or import models")
     msub = m.add_subparsers(dest="models_command", required=True)

@@ -56,6 +56,9 @@ class Config:
     max_pending_messages: int = _f(
         1000, "server messages queued for a slow client before it is closed"
     )
+    flush_timeout_s: float = _f(
+        30.0, "at the end of a stream, how long to wait for its last finals"
+    )
     log_level: str = _f("info", "debug, info, warning or error")
 
     def to_dict(self) -> dict[str, Any]:

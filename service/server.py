@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import uuid
@@ -141,6 +142,10 @@ class Engine:
     def model_name(self) -> str:
         return self.backend.name
 
+    def client_provenance(self) -> dict[str, Any]:
+        """The model's provenance as clients see it (no server file paths)."""
+        return {k: v for k, v in self.backend.provenance().items() if k != "path"}
+
     def decoding(self) -> dict[str, Any]:
         return {
             "final": self.scheduler.final_options.to_dict(),
@@ -195,6 +200,7 @@ class LiveStream:
         self._finals_done = asyncio.Event()
         self._finals_done.set()
         self._fatal: EarshotError | None = None
+        self._close_reason: str | None = None
 
     # -- sending --------------------------------------------------------------
 
@@ -232,20 +238,25 @@ class LiveStream:
             self._futures.add(fut)
             if req.kind == FINAL:
                 self._finals_done.clear()
-            fut.add_done_callback(lambda f, r=req: self._on_done(r, f))
+            fut.add_done_callback(functools.partial(self._on_done, req))
 
     def _on_done(self, req: DecodeRequest, fut: asyncio.Future[Hypothesis | None]) -> None:
         self._futures.discard(fut)
+        hyp: Hypothesis | None = None
+        err: BaseException | None = None
         if fut.cancelled():
-            hyp, err = None, asyncio.CancelledError()
+            err = asyncio.CancelledError()
         elif fut.exception() is not None:
-            hyp, err = None, fut.exception()
+            err = fut.exception()
             log.warning("decode failed: %s", err, extra={"session": self.request_id})
         else:
-            hyp, err = fut.result(), None
+            hyp = fut.result()
         self._emit(self.session.on_result(req, hyp, err))
         if self.session.pending_finals == 0:
             self._finals_done.set()
+
+    def _interims_allowed(self, channel: int) -> bool:
+        return self.engine.scheduler.should_submit_interim((self.request_id, channel))
 
     # -- main loop ------------------------------------------------------------
 
@@ -258,7 +269,7 @@ class LiveStream:
                 request_id=self.request_id,
                 created=self.created,
                 params=self.params,
-                provenance=engine.backend.provenance(),
+                provenance=engine.client_provenance(),
                 policy=engine.policy,
                 decoding=engine.decoding(),
             )
@@ -283,9 +294,7 @@ class LiveStream:
                             size=len(data),
                             limit=cfg.max_frame_bytes,
                         )
-                    key = (self.request_id, 0)
-                    allowed = engine.scheduler.should_submit_interim(key)
-                    self._submit(self.session.push(data, interims_allowed=allowed))
+                    self._submit(self.session.push(data, interims_allowed=self._interims_allowed))
                     self._emit(self.session.check_lag())
                 elif msg.type == WSMsgType.TEXT:
                     try:
@@ -304,6 +313,7 @@ class LiveStream:
                 raise self._fatal
         except EarshotError as exc:
             close_code = exc.ws_close_code
+            self._close_reason = exc.code
             log.info(
                 "stream error %s: %s", exc.code, exc.message, extra={"session": self.request_id}
             )
@@ -311,7 +321,10 @@ class LiveStream:
         except Exception as exc:  # a bug: report, flush, close
             log.exception("stream failed", extra={"session": self.request_id})
             close_code = CLOSE_INTERNAL
+            self._close_reason = "internal_error"
             self._send({"type": "Error", "code": "internal_error", "message": str(exc)})
+        if close_code == CLOSE_CLIENT_NOT_READING:
+            client_gone = True  # its buffers are full: nothing more would be read
         try:
             if not client_gone:
                 await self._flush()
@@ -326,7 +339,8 @@ class LiveStream:
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
                 await sender
-            await self.ws.close(code=close_code)
+            reason = (self._close_reason or "").encode()[:120]
+            await self.ws.close(code=close_code, message=reason)
 
     async def _flush(self) -> None:
         """Finish the stream: decode every open utterance and wait for its final."""
@@ -335,13 +349,15 @@ class LiveStream:
         if error is not None:
             self._send(error_message(error))
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._finals_done.wait(), timeout=30.0)
+            await asyncio.wait_for(
+                self._finals_done.wait(), timeout=self.engine.config.flush_timeout_s
+            )
         self._send(
             metadata_message(
                 request_id=self.request_id,
                 created=self.created,
                 params=self.params,
-                provenance=self.engine.backend.provenance(),
+                provenance=self.engine.client_provenance(),
                 policy=self.engine.policy,
                 decoding=self.engine.decoding(),
                 duration=self.session.received_seconds,

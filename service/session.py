@@ -35,6 +35,7 @@ from service.audio import FrameDecoder, PartialFrameError, RingBuffer, StreamRes
 from service.errors import EarshotError
 from service.guards import GuardSettings, drop_reason
 from service.protocol import (
+    CLOSE_LAGGING,
     Event,
     SpeechStartedEvent,
     StreamParams,
@@ -54,7 +55,7 @@ class LaggingError(EarshotError):
 
     code = "stream_lagging"
     http_status = 503
-    ws_close_code = 4429
+    ws_close_code = CLOSE_LAGGING
 
 
 @dataclass(frozen=True)
@@ -234,8 +235,13 @@ class StreamSession:
     def open_utterances(self) -> int:
         return sum(1 for c in self._channels if c.open_start is not None)
 
-    def push(self, payload: bytes, *, interims_allowed: bool = True) -> Output:
-        """Add one binary frame of audio; return the requests and events it causes."""
+    def push(
+        self, payload: bytes, *, interims_allowed: Callable[[int], bool] | None = None
+    ) -> Output:
+        """Add one binary frame of audio; return the requests and events it causes.
+
+        ``interims_allowed(channel)`` says whether an interim may be requested
+        now (the scheduler's load gate); None allows them."""
         self.bytes_received += len(payload)
         decoded = self._decoder.decode(payload)
         return self._ingest(self._resample(decoded), interims_allowed)
@@ -282,7 +288,7 @@ class StreamSession:
             error = exc
         tail = self._resampler.flush()
         if tail.shape[-1]:
-            out.extend(self._ingest(tail, interims_allowed=False))
+            out.extend(self._ingest(tail, lambda _ch: False))
         for ch in self._channels:
             self._apply_vad_events(ch, ch.vad.flush(), out)
             if ch.open_start is not None:
@@ -369,7 +375,9 @@ class StreamSession:
             decoded = decoded.mean(axis=0, keepdims=True, dtype=np.float32)
         return self._resampler.process(decoded)
 
-    def _ingest(self, samples: np.ndarray, interims_allowed: bool) -> Output:
+    def _ingest(
+        self, samples: np.ndarray, interims_allowed: Callable[[int], bool] | None
+    ) -> Output:
         out = Output()
         for ch in self._channels:
             chunk = np.ascontiguousarray(samples[ch.index], dtype=np.float32)
@@ -377,7 +385,9 @@ class StreamSession:
                 continue
             ch.buffer.append(chunk)
             self._apply_vad_events(ch, ch.vad.feed(chunk), out)
-            if interims_allowed and self.params.interim_results:
+            if self.params.interim_results and (
+                interims_allowed is None or interims_allowed(ch.index)
+            ):
                 req = self._maybe_interim(ch)
                 if req is not None:
                     out.requests.append(req)
@@ -511,7 +521,7 @@ class StreamSession:
             duration=req.end_s - req.start_s,
             transcript=hyp.text.strip(),
             confidence=_confidence(hyp.avg_logprob) if hyp.text else 0.0,
-            words=words,
+            words=words if self.params.words else (),
             is_final=is_final,
             speech_final=is_final and req.speech_final,
             from_finalize=req.from_finalize,

@@ -1,0 +1,921 @@
+"""Async Python client for Earshot's live streaming endpoint ``GET /v1/listen``.
+
+The wire protocol is described in ``docs/protocol.md`` (protocol version 1). In
+short: settings go in the query string, audio goes up as binary websocket
+frames, control messages (``KeepAlive``, ``Finalize``, ``CloseStream``) go up
+as JSON text frames, and the server answers with JSON text frames
+(``Metadata``, ``Results``, ``SpeechStarted``, ``UtteranceEnd``, ``Warning``,
+``Error``) until it closes the connection.
+
+Typical use::
+
+    async with StreamClient("ws://127.0.0.1:8000/v1/listen", sample_rate=8000,
+                            encoding="mulaw") as client:
+        sender = asyncio.create_task(stream_file(client, "call.wav"))
+        async for message in client.messages():
+            if message["type"] == "Results" and message["is_final"]:
+                print(transcript_of(message))
+        await sender
+    print(client.close_code)        # 1000 on a normal close
+
+or, all at once, :func:`transcribe_stream`, which also records when each
+message arrived (for tests and benchmarks of latency).
+
+Messages are yielded as the parsed JSON ``dict`` exactly as the server sent
+them (no dataclass wrapping, so fields that a newer server adds are never
+lost); :func:`transcript_of`, :func:`channel_of` and :func:`is_final` read the
+common fields of a ``Results`` message.
+
+This module depends only on numpy, soundfile, soxr and websockets; it does not
+import the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import numpy as np
+import numpy.typing as npt
+import soundfile as sf
+import soxr
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+__all__ = [
+    "BYTES_PER_SAMPLE",
+    "CLOSE_NORMAL",
+    "DEFAULT_URL",
+    "ENCODINGS",
+    "AudioSource",
+    "StreamClient",
+    "StreamClosedError",
+    "StreamConnectError",
+    "StreamError",
+    "StreamProtocolError",
+    "StreamRefusedError",
+    "StreamTranscript",
+    "channel_of",
+    "encode_audio",
+    "is_final",
+    "read_audio_file",
+    "stream_file",
+    "transcribe_stream",
+    "transcript_of",
+]
+
+DEFAULT_URL: Final = "ws://127.0.0.1:8000/v1/listen"
+CLOSE_NORMAL: Final = 1000
+"""The close code of a normal end of stream; anything else means the stream failed."""
+
+BYTES_PER_SAMPLE: Final[dict[str, int]] = {
+    "linear16": 2,
+    "linear32": 4,
+    "int32": 4,
+    "mulaw": 1,
+    "alaw": 1,
+}
+"""Bytes of one sample of one channel, per encoding (the server's names)."""
+
+ENCODINGS: Final = tuple(BYTES_PER_SAMPLE)
+_ALIASES: Final[dict[str, str]] = {"float": "linear32", "float32": "linear32"}
+_ALWAYS_SENT: Final = frozenset({"encoding", "sample_rate", "channels", "interim_results"})
+
+FloatArray = npt.NDArray[np.float32]
+Message = dict[str, Any]
+
+AudioSource = str | os.PathLike[str] | npt.NDArray[Any] | bytes | AsyncIterable[bytes]
+"""What :func:`stream_file` sends: a file path, float samples, raw encoded bytes,
+or an async iterable of raw encoded chunks (e.g. read live from a pipe)."""
+
+
+# ---------------------------------------------------------------------------
+# Errors
+
+
+class StreamError(Exception):
+    """Root of the errors this module raises."""
+
+
+class StreamConnectError(StreamError):
+    """The connection could not be opened (refused, unreachable, timed out,
+    not a websocket endpoint)."""
+
+
+class StreamRefusedError(StreamConnectError):
+    """The server answered the upgrade request with an HTTP error (400, 401, 503...).
+
+    ``status`` is the HTTP status; ``code`` and ``message`` come from the JSON
+    body (``{"type": "Error", "code": ..., "message": ...}``) when there is one,
+    ``body`` is that body parsed (or ``None``), and ``retry_after`` the
+    ``Retry-After`` header in seconds when the server sent one (503).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        code: str | None,
+        message: str,
+        *,
+        body: Message | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        text = f"HTTP {status}"
+        if code:
+            text += f" [{code}]"
+        if message:
+            text += f": {message}"
+        super().__init__(text)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.body = body
+        self.retry_after = retry_after
+
+
+class StreamClosedError(StreamError):
+    """Audio or a control message was sent after the connection had closed.
+
+    ``code`` and ``reason`` are the close code and reason, when known. The
+    messages the server sent before closing can still be read from
+    :meth:`StreamClient.messages`.
+    """
+
+    def __init__(self, code: int | None, reason: str) -> None:
+        super().__init__(f"the stream is closed (code {code}{': ' + reason if reason else ''})")
+        self.code = code
+        self.reason = reason
+
+
+class StreamProtocolError(StreamError):
+    """The server sent something that is not a JSON object text frame."""
+
+
+# ---------------------------------------------------------------------------
+# Reading Results messages
+
+
+def is_final(message: Mapping[str, Any]) -> bool:
+    """True for a final ``Results`` message."""
+    return message.get("type") == "Results" and bool(message.get("is_final"))
+
+
+def channel_of(message: Mapping[str, Any]) -> int:
+    """The channel a ``Results``, ``SpeechStarted`` or ``UtteranceEnd`` is about (0 if none)."""
+    index = message.get("channel_index", message.get("channel"))
+    if isinstance(index, list) and index and isinstance(index[0], int):
+        return index[0]
+    return 0
+
+
+def transcript_of(message: Mapping[str, Any]) -> str:
+    """The transcript of the first alternative of a ``Results`` message ("" if none)."""
+    channel = message.get("channel")
+    if not isinstance(channel, Mapping):
+        return ""
+    alternatives = channel.get("alternatives")
+    if not isinstance(alternatives, list) or not alternatives:
+        return ""
+    first = alternatives[0]
+    return str(first.get("transcript", "")) if isinstance(first, Mapping) else ""
+
+
+# ---------------------------------------------------------------------------
+# Encoding
+
+
+def _canonical_encoding(encoding: str) -> str:
+    key = encoding.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in BYTES_PER_SAMPLE:
+        raise ValueError(
+            f"unsupported encoding {encoding!r}; expected one of {', '.join(ENCODINGS)}"
+        )
+    return key
+
+
+def _to_pcm16(x: npt.NDArray[np.float64]) -> npt.NDArray[np.int32]:
+    # Full scale is 32768, as in the server's decoder; +1.0 clips to 32767.
+    return np.clip(np.rint(x * 32768.0), -32768, 32767).astype(np.int32)
+
+
+# floor(log2(v)) for v in 0..255 (0 for v == 0): the G.711 segment lookup.
+_LOG2_TABLE: Final = np.array([max(0, int(v).bit_length() - 1) for v in range(256)], np.int32)
+
+# A-law segment ends, in 13-bit magnitude units (G.711 table 1a).
+_ALAW_SEGMENT_END: Final = np.array([0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF], np.int32)
+
+
+def _mulaw_encode(pcm: npt.NDArray[np.int32]) -> npt.NDArray[np.uint8]:
+    # G.711 µ-law on 16-bit input: bias the magnitude by 0x84 (33 in the
+    # law's 14-bit units), find the segment from its leading bit, keep four
+    # mantissa bits, and send the code inverted with bit 7 set for negatives.
+    negative = pcm < 0
+    magnitude = np.minimum(np.abs(pcm), 32635) + 0x84
+    exponent = _LOG2_TABLE[magnitude >> 7]
+    mantissa = (magnitude >> (exponent + 3)) & 0x0F
+    code: npt.NDArray[np.int32] = (negative.astype(np.int32) << 7) | (exponent << 4) | mantissa
+    return (code ^ 0xFF).astype(np.uint8)
+
+
+def _alaw_encode(pcm: npt.NDArray[np.int32]) -> npt.NDArray[np.uint8]:
+    # G.711 A-law on 13-bit input: negatives are coded as (-x - 1) so that the
+    # two halves are symmetric; segments 0 and 1 share a step of 2, then the
+    # step doubles. Bit 7 set means positive and the even bits are inverted
+    # on the line (xor 0x55).
+    x = pcm >> 3
+    negative = x < 0
+    magnitude = np.where(negative, -x - 1, x)
+    segment = np.searchsorted(_ALAW_SEGMENT_END, magnitude, side="left").astype(np.int32)
+    shift = np.maximum(segment, 1)
+    mantissa = (magnitude >> shift) & 0x0F
+    code = (segment << 4) | mantissa
+    mask = np.where(negative, 0x55, 0xD5)
+    return (code ^ mask).astype(np.uint8)
+
+
+def encode_audio(samples: npt.ArrayLike, encoding: str) -> bytes:
+    """Encode float samples in ``[-1, 1]`` as the raw bytes of ``encoding``.
+
+    ``samples`` has shape ``(n,)`` (mono) or ``(n, channels)``; the result has
+    the channels interleaved, little-endian, as ``/v1/listen`` expects.
+    Encodings: ``linear16`` (16-bit signed PCM), ``linear32`` (32-bit IEEE
+    float PCM; aliases ``float``, ``float32``), ``int32`` (32-bit signed PCM),
+    ``mulaw`` and ``alaw`` (8-bit G.711). Integer and G.711 encodings scale
+    full scale to 1.0 as the server's decoder does and clip values outside
+    ``[-1, 1]``; NaN is sent as 0. ``linear32`` sends the values as they are
+    (clipped to ``[-1, 1]``, which the server would do anyway).
+
+    Raises ValueError for an unknown encoding or an array of more than two
+    dimensions.
+    """
+    name = _canonical_encoding(encoding)
+    x = np.asarray(samples, dtype=np.float64)
+    if x.ndim not in (1, 2):
+        raise ValueError(f"samples must have shape (n,) or (n, channels), not {x.shape}")
+    x = np.clip(np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
+    if name == "linear32":
+        return np.ascontiguousarray(x, dtype="<f4").tobytes()
+    if name == "int32":
+        scaled = np.clip(np.rint(x * 2147483648.0), -2147483648, 2147483647)
+        return np.ascontiguousarray(scaled, dtype="<i4").tobytes()
+    pcm = _to_pcm16(x)
+    if name == "linear16":
+        return np.ascontiguousarray(pcm, dtype="<i2").tobytes()
+    encoded = _mulaw_encode(pcm) if name == "mulaw" else _alaw_encode(pcm)
+    return np.ascontiguousarray(encoded).tobytes()
+
+
+# ---------------------------------------------------------------------------
+# Audio files
+
+
+def read_audio_file(path: str | os.PathLike[str]) -> tuple[FloatArray, int]:
+    """Read any file libsndfile can read: float32 samples ``(n, channels)`` and their rate.
+
+    Raises ``soundfile.LibsndfileError`` (a RuntimeError) for unreadable files
+    and FileNotFoundError for missing ones.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{os.fspath(path)}: no such file")
+    data, rate = sf.read(os.fspath(path), dtype="float32", always_2d=True)
+    return np.ascontiguousarray(data, dtype=np.float32), int(rate)
+
+
+def _fit(samples: npt.NDArray[Any], rate: int, sample_rate: int, channels: int) -> FloatArray:
+    """Samples as ``(n, channels)`` float32 at ``sample_rate``."""
+    x = np.asarray(samples, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2:
+        raise ValueError(f"audio must have shape (n,) or (n, channels), not {x.shape}")
+    have = x.shape[1]
+    if have != channels:
+        if channels == 1:
+            x = x.mean(axis=1, keepdims=True, dtype=np.float32)
+        elif have == 1:
+            x = np.repeat(x, channels, axis=1)
+        else:
+            raise ValueError(
+                f"the audio has {have} channels but the stream was opened with "
+                f"channels={channels}; open it with channels={have}, or use mono audio"
+            )
+    if rate != sample_rate and len(x):
+        x = soxr.resample(x, rate, sample_rate, quality="HQ")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------
+# The client
+
+
+def _query_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+class _MessageIterator:
+    """Async iterator over a client's server messages; see :meth:`StreamClient.messages`."""
+
+    def __init__(self, client: StreamClient) -> None:
+        self._client = client
+
+    def __aiter__(self) -> _MessageIterator:
+        return self
+
+    async def __anext__(self) -> Message:
+        message = await self._client.receive()
+        if message is None:
+            raise StopAsyncIteration
+        return message
+
+
+class StreamClient:
+    """One streaming session with ``/v1/listen``. Use it as an async context manager.
+
+    The keyword arguments become query parameters (see docs/protocol.md);
+    ``None`` leaves a parameter out so the server's default applies:
+
+    * ``encoding``, ``sample_rate``, ``channels``: how the audio you send is
+      encoded (``linear16``, ``linear32`` (float), ``int32``, ``mulaw``,
+      ``alaw``); ``multichannel`` transcribes each channel on its own instead
+      of a mix;
+    * ``language``: a code such as ``"en"``, or ``"auto"`` to detect it;
+    * ``interim_results``: also send interim (non-final) results;
+    * ``endpointing``: silence in ms that ends an utterance, or ``False`` to
+      close utterances only on ``Finalize``, at the maximum length or at the
+      end of the stream;
+    * ``utterance_end_ms``, ``vad_events``: ask for ``UtteranceEnd`` and
+      ``SpeechStarted`` messages;
+    * ``keyterms``: words or phrases to favour (one ``keyterm`` parameter each);
+    * ``api_key``: sent as ``Authorization: Token KEY``;
+    * ``extra_params``: further query parameters, sent as given (booleans as
+      ``true``/``false``); the server refuses parameters it does not know.
+
+    Entering the context opens the connection and raises
+    :class:`StreamRefusedError` when the server answers with an HTTP error, or
+    :class:`StreamConnectError` when it cannot be reached. Leaving it closes
+    the connection (with code 1000) if the server has not already done so.
+    The sending methods may be called from one task while another reads
+    :meth:`messages`; each raises :class:`StreamClosedError` once the
+    connection has closed.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        encoding: str = "linear16",
+        sample_rate: int = 16000,
+        channels: int = 1,
+        multichannel: bool = False,
+        language: str | None = None,
+        interim_results: bool = True,
+        endpointing: int | bool | None = None,
+        utterance_end_ms: int | None = None,
+        vad_events: bool = False,
+        keyterms: Iterable[str] = (),
+        api_key: str | None = None,
+        extra_params: Mapping[str, object] | Sequence[tuple[str, object]] | None = None,
+        open_timeout: float | None = 10.0,
+        close_timeout: float | None = 10.0,
+    ) -> None:
+        if sample_rate <= 0:
+            raise ValueError(f"sample_rate must be positive, not {sample_rate}")
+        if channels <= 0:
+            raise ValueError(f"channels must be positive, not {channels}")
+        if endpointing is True:
+            raise ValueError("endpointing must be a number of milliseconds, False or None")
+        self.encoding = _canonical_encoding(encoding)
+        self.sample_rate = int(sample_rate)
+        self.channels = int(channels)
+        self.multichannel = multichannel
+        self.api_key = api_key
+        self.open_timeout = open_timeout
+        self.close_timeout = close_timeout
+
+        params: list[tuple[str, str]] = [
+            ("encoding", self.encoding),
+            ("sample_rate", str(self.sample_rate)),
+            ("channels", str(self.channels)),
+        ]
+        if multichannel:
+            params.append(("multichannel", "true"))
+        if language is not None:
+            params.append(("language", language))
+        params.append(("interim_results", _query_value(interim_results)))
+        if endpointing is not None:
+            params.append(("endpointing", "false" if endpointing is False else str(endpointing)))
+        if utterance_end_ms is not None:
+            params.append(("utterance_end_ms", str(utterance_end_ms)))
+        if vad_events:
+            params.append(("vad_events", "true"))
+        params.extend(("keyterm", term) for term in keyterms)
+        extra: list[tuple[str, str]] = []
+        if extra_params is not None:
+            items = extra_params.items() if isinstance(extra_params, Mapping) else extra_params
+            extra = [(str(k), _query_value(v)) for k, v in items]
+            params.extend(extra)
+        self.params: tuple[tuple[str, str], ...] = tuple(params)
+
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss"):
+            raise ValueError(f"the URL must start with ws:// or wss://, not {url!r}")
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        # These are always sent, and the audio is encoded from them: a second
+        # value from the URL or extra_params would be refused by the server
+        # (or, worse, disagree with the bytes sent).
+        for key, _ in [*query, *extra]:
+            if key in _ALWAYS_SENT:
+                raise ValueError(
+                    f"set {key} with the {key}= argument, not in the URL or extra_params"
+                )
+        query += list(self.params)
+        self.url: str = urlunsplit(parts._replace(query=urlencode(query)))
+        """The full URL, query string included."""
+
+        self._ws: ClientConnection | None = None
+        self.metadata: Message | None = None
+        """The first ``Metadata`` message (sent by the server as soon as the stream opens)."""
+        self.last_metadata: Message | None = None
+        """The latest ``Metadata`` message (the server sends one with totals at the end)."""
+        self.errors: list[Message] = []
+        """Every ``Error`` message received, in order."""
+        self.close_code: int | None = None
+        """The close code once the connection has closed (1000: normal; 1006: dropped)."""
+        self.close_reason: str = ""
+
+    # -- connection -----------------------------------------------------------
+
+    @property
+    def bytes_per_second(self) -> int:
+        """Bytes of one second of audio in this stream's format."""
+        return BYTES_PER_SAMPLE[self.encoding] * self.channels * self.sample_rate
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection has closed (or was never opened)."""
+        self._record_close()
+        return self._ws is None or self.close_code is not None
+
+    async def connect(self) -> None:
+        """Open the connection (what entering the context does). Call once."""
+        if self._ws is not None:
+            raise RuntimeError("this StreamClient is already connected; create a new one")
+        headers = {"Authorization": f"Token {self.api_key}"} if self.api_key else None
+        try:
+            self._ws = await connect(
+                self.url,
+                additional_headers=headers,
+                open_timeout=self.open_timeout,
+                close_timeout=self.close_timeout,
+                # Audio does not compress; deflate would only cost CPU on both ends.
+                compression=None,
+            )
+        except InvalidStatus as exc:
+            raise _refusal(exc) from None
+        except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
+            reason = str(exc) or type(exc).__name__
+            raise StreamConnectError(f"cannot connect to {self.url}: {reason}") from exc
+
+    async def close(self) -> None:
+        """Close the connection now (code 1000) without waiting for finals.
+
+        To end a stream and still get every final, call :meth:`close_stream`
+        and read :meth:`messages` until they end instead.
+        """
+        if self._ws is not None:
+            await self._ws.close()
+            self._record_close()
+
+    async def __aenter__(self) -> StreamClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- sending --------------------------------------------------------------
+
+    async def _send(self, data: str | bytes) -> None:
+        ws = self._require_ws()
+        try:
+            await ws.send(data)
+        except ConnectionClosed:
+            self._record_close()
+            raise StreamClosedError(self.close_code, self.close_reason) from None
+
+    async def send_audio(self, data: bytes | bytearray | memoryview) -> None:
+        """Send one binary frame of encoded audio. Empty data is not sent.
+
+        A frame need not hold whole samples (the server carries a partial
+        sample over to the next frame) but the whole stream must.
+        """
+        if len(data):
+            await self._send(bytes(data))
+
+    async def keep_alive(self) -> None:
+        """Send ``KeepAlive``: keeps the stream open while no audio is sent."""
+        await self._send(json.dumps({"type": "KeepAlive"}))
+
+    async def finalize(self) -> None:
+        """Send ``Finalize``: close the open utterances now and send their finals."""
+        await self._send(json.dumps({"type": "Finalize"}))
+
+    async def close_stream(self) -> None:
+        """Send ``CloseStream``: no more audio; the server sends the remaining
+        finals and a last ``Metadata``, then closes with 1000."""
+        await self._send(json.dumps({"type": "CloseStream"}))
+
+    # -- receiving ------------------------------------------------------------
+
+    def messages(self) -> AsyncIterator[Message]:
+        """Iterate over the server's messages, parsed, until the server closes.
+
+        Each message is the JSON object as sent (``message["type"]`` is one of
+        ``Metadata``, ``Results``, ``SpeechStarted``, ``UtteranceEnd``,
+        ``Warning``, ``Error``). The iteration ends without an error whatever
+        the close code: check :attr:`close_code` afterwards (and
+        :attr:`errors` for the ``Error`` messages). Only one task may iterate
+        at a time. Raises :class:`StreamProtocolError` for a frame that is not
+        a JSON object.
+        """
+        return _MessageIterator(self)
+
+    async def receive(self) -> Message | None:
+        """The next server message, or None once the connection has closed."""
+        ws = self._require_ws()
+        try:
+            raw = await ws.recv()
+        except ConnectionClosed:
+            self._record_close()
+            return None
+        if isinstance(raw, bytes):
+            raise StreamProtocolError(f"unexpected binary frame of {len(raw)} bytes from server")
+        try:
+            message = json.loads(raw)
+        except ValueError:
+            raise StreamProtocolError(
+                f"the server sent a text frame that is not JSON: {raw[:200]!r}"
+            ) from None
+        if not isinstance(message, dict):
+            raise StreamProtocolError(f"the server sent JSON that is not an object: {raw[:200]!r}")
+        kind = message.get("type")
+        if kind == "Metadata":
+            if self.metadata is None:
+                self.metadata = message
+            self.last_metadata = message
+        elif kind == "Error":
+            self.errors.append(message)
+        return message
+
+    # -- internals ------------------------------------------------------------
+
+    def _require_ws(self) -> ClientConnection:
+        if self._ws is None:
+            raise RuntimeError(
+                "the StreamClient is not connected; use 'async with StreamClient(...)'"
+            )
+        return self._ws
+
+    def _record_close(self) -> None:
+        ws = self._ws
+        if ws is not None and self.close_code is None and ws.close_code is not None:
+            self.close_code = ws.close_code
+            self.close_reason = ws.close_reason or ""
+
+
+def _refusal(exc: InvalidStatus) -> StreamRefusedError:
+    response = exc.response
+    body: Message | None = None
+    code: str | None = None
+    text = bytes(response.body or b"").decode("utf-8", "replace").strip()
+    message = text[:500] or response.reason_phrase
+    with contextlib.suppress(ValueError):
+        parsed = json.loads(text)
+        if isinstance(parsed, dict):
+            body = parsed
+            code = str(parsed["code"]) if "code" in parsed else None
+            message = str(parsed.get("message", message))
+    retry_after: float | None = None
+    with contextlib.suppress(TypeError, ValueError):
+        retry_after = float(response.headers.get("Retry-After", ""))
+    return StreamRefusedError(
+        response.status_code, code, message, body=body, retry_after=retry_after
+    )
+
+
+# ---------------------------------------------------------------------------
+# Sending a whole source
+
+
+class _Pacer:
+    """Sleeps so that audio goes out no faster than real time, without drift.
+
+    Deadlines are computed from the loop time of the first chunk plus the
+    audio sent so far, so a late wake-up is made up on the next chunk rather
+    than accumulated.
+    """
+
+    def __init__(self, realtime: bool) -> None:
+        self.realtime = realtime
+        self._start: float | None = None
+
+    def begin(self) -> None:
+        if self._start is None:
+            self._start = asyncio.get_running_loop().time()
+
+    async def wait(self, seconds_sent: float) -> None:
+        if not self.realtime or self._start is None:
+            # Let the receiving task run even when sending flat out.
+            await asyncio.sleep(0)
+            return
+        delay = self._start + seconds_sent - asyncio.get_running_loop().time()
+        await asyncio.sleep(max(0.0, delay))
+
+
+def _chunks_of(data: bytes, size: int) -> Iterable[bytes]:
+    view = memoryview(data)
+    for start in range(0, len(data), size):
+        yield bytes(view[start : start + size])
+
+
+async def stream_file(
+    client: StreamClient,
+    source: AudioSource,
+    *,
+    chunk_ms: float = 20.0,
+    realtime: bool = True,
+    sample_rate: int | None = None,
+    close: bool = True,
+    on_chunk: Callable[[float], None] | None = None,
+) -> float:
+    """Send a whole source over ``client``, then ``CloseStream``; return the seconds sent.
+
+    ``source`` is one of:
+
+    * a path: read with soundfile, resampled with soxr to the client's
+      ``sample_rate``, mixed down (client mono) or duplicated (file mono) to
+      the client's ``channels``, and encoded with :func:`encode_audio`;
+    * a float array ``(n,)`` or ``(n, channels)`` at ``sample_rate`` (default:
+      the client's), treated the same way;
+    * ``bytes``: audio already in the client's encoding, sent as it is;
+    * an async iterable of ``bytes`` chunks already in the client's encoding
+      (e.g. read live from standard input), sent as they come.
+
+    Audio goes out in frames of ``chunk_ms`` milliseconds; with ``realtime``
+    each frame is sent when its audio would have been captured (paced on the
+    loop's clock, so pacing does not drift), otherwise as fast as the
+    connection takes it. ``close=False`` skips the final ``CloseStream``.
+    ``on_chunk`` is called after each frame with the seconds sent so far.
+
+    Raises :class:`StreamClosedError` if the server closes the stream while
+    audio is still being sent, ValueError for audio that cannot be fitted to
+    the client's channels, and the errors of :func:`read_audio_file`.
+    """
+    if chunk_ms <= 0:
+        raise ValueError(f"chunk_ms must be positive, not {chunk_ms}")
+    bps = client.bytes_per_second
+    pacer = _Pacer(realtime)
+    sent = 0
+
+    async def send(chunk: bytes) -> None:
+        nonlocal sent
+        pacer.begin()
+        await client.send_audio(chunk)
+        sent += len(chunk)
+        if on_chunk is not None:
+            on_chunk(sent / bps)
+        await pacer.wait(sent / bps)
+
+    if isinstance(source, AsyncIterable):
+        async for chunk in source:
+            await send(bytes(chunk))
+    else:
+        data = _encoded(client, source, sample_rate)
+        frame = BYTES_PER_SAMPLE[client.encoding] * client.channels
+        per_chunk = max(1, round(client.sample_rate * chunk_ms / 1000.0)) * frame
+        for chunk in _chunks_of(data, per_chunk):
+            await send(chunk)
+    if close:
+        await client.close_stream()
+    return sent / bps
+
+
+def _encoded(client: StreamClient, source: AudioSource, sample_rate: int | None) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    if isinstance(source, np.ndarray):
+        samples, rate = source, sample_rate or client.sample_rate
+    elif isinstance(source, (str, os.PathLike)):
+        samples, rate = read_audio_file(source)
+    else:
+        raise TypeError(f"cannot stream a {type(source).__name__}")
+    fitted = _fit(samples, rate, client.sample_rate, client.channels)
+    return encode_audio(fitted, client.encoding)
+
+
+# ---------------------------------------------------------------------------
+# Everything at once
+
+
+@dataclass
+class StreamTranscript:
+    """What :func:`transcribe_stream` collected.
+
+    Times are seconds on the event loop's monotonic clock, counted from the
+    moment the connection opened; ``started_wall`` is the wall-clock time
+    (``time.time()``) of that moment, so ``started_wall + arrival_s[i]`` is
+    the wall time message ``i`` arrived.
+    """
+
+    messages: list[Message] = field(default_factory=list)
+    """Every server message, in arrival order."""
+    arrival_s: list[float] = field(default_factory=list)
+    """When each message of :attr:`messages` arrived."""
+    finals: dict[int, list[Message]] = field(default_factory=dict)
+    """Final ``Results`` per channel, in order."""
+    interims: list[Message] = field(default_factory=list)
+    """Interim ``Results`` of every channel, in order."""
+    metadata: Message | None = None
+    """The first ``Metadata``."""
+    close_code: int | None = None
+    close_reason: str = ""
+    started_wall: float = 0.0
+    audio_seconds: float = 0.0
+    """Seconds of audio sent."""
+    audio_start_s: float | None = None
+    """When the first audio frame had been sent."""
+    audio_end_s: float | None = None
+    """When the last audio frame had been sent."""
+
+    @property
+    def ok(self) -> bool:
+        """The server closed the stream normally (1000)."""
+        return self.close_code == CLOSE_NORMAL
+
+    @property
+    def errors(self) -> list[Message]:
+        return [m for m in self.messages if m.get("type") == "Error"]
+
+    @property
+    def warnings(self) -> list[Message]:
+        return [m for m in self.messages if m.get("type") == "Warning"]
+
+    def text(self, channel: int = 0) -> str:
+        """The finals of one channel joined with spaces (empty finals skipped)."""
+        return " ".join(t for t in (transcript_of(m) for m in self.finals.get(channel, [])) if t)
+
+    def final_latencies(self, channel: int = 0) -> list[float]:
+        """For each final of ``channel``: seconds between the end of its audio
+        being sent and the final arriving.
+
+        Meaningful for real-time streaming, where audio at stream time ``t``
+        is sent at ``audio_start_s + t``.
+        """
+        if self.audio_start_s is None:
+            return []
+        base = self.audio_start_s
+        out = []
+        for message, at in zip(self.messages, self.arrival_s, strict=True):
+            if is_final(message) and channel_of(message) == channel:
+                end = float(message.get("start", 0.0)) + float(message.get("duration", 0.0))
+                out.append(at - (base + end))
+        return out
+
+    def add(self, message: Message, at: float) -> None:
+        """Record one message that arrived at ``at``."""
+        self.messages.append(message)
+        self.arrival_s.append(at)
+        kind = message.get("type")
+        if kind == "Results":
+            if message.get("is_final"):
+                self.finals.setdefault(channel_of(message), []).append(message)
+            else:
+                self.interims.append(message)
+        elif kind == "Metadata" and self.metadata is None:
+            self.metadata = message
+
+
+async def transcribe_stream(
+    url: str,
+    audio: AudioSource,
+    *,
+    encoding: str = "linear16",
+    sample_rate: int = 16000,
+    channels: int = 1,
+    multichannel: bool = False,
+    language: str | None = None,
+    interim_results: bool = True,
+    endpointing: int | bool | None = None,
+    utterance_end_ms: int | None = None,
+    vad_events: bool = False,
+    keyterms: Iterable[str] = (),
+    api_key: str | None = None,
+    extra_params: Mapping[str, object] | Sequence[tuple[str, object]] | None = None,
+    chunk_ms: float = 20.0,
+    realtime: bool = True,
+    audio_sample_rate: int | None = None,
+    on_message: Callable[[Message], None] | None = None,
+) -> StreamTranscript:
+    """Stream ``audio`` to ``url`` and collect everything the server sends.
+
+    Sending (:func:`stream_file`, then ``CloseStream``) and receiving run
+    concurrently; the call returns when the server has closed the stream,
+    whatever the close code (check :attr:`StreamTranscript.ok`). The stream
+    options are those of :class:`StreamClient`; ``audio_sample_rate`` is the
+    rate of a float array ``audio`` (default: ``sample_rate``).
+    ``on_message`` is called with each message as it arrives.
+
+    Raises :class:`StreamRefusedError` / :class:`StreamConnectError` when the
+    stream cannot be opened, and whatever preparing the audio raises (a
+    missing file, say). If the server closes while audio is still being
+    sent, sending stops quietly and the transcript shows the close code.
+    """
+    client = StreamClient(
+        url,
+        encoding=encoding,
+        sample_rate=sample_rate,
+        channels=channels,
+        multichannel=multichannel,
+        language=language,
+        interim_results=interim_results,
+        endpointing=endpointing,
+        utterance_end_ms=utterance_end_ms,
+        vad_events=vad_events,
+        keyterms=keyterms,
+        api_key=api_key,
+        extra_params=extra_params,
+    )
+    if not isinstance(audio, AsyncIterable):
+        # Read, resample and encode before connecting: a bad file fails fast
+        # and the stream's clock is not spent on it.
+        audio = _encoded(client, audio, audio_sample_rate)
+    result = StreamTranscript()
+    loop = asyncio.get_running_loop()
+    async with client:
+        t0 = loop.time()
+        result.started_wall = time.time()
+
+        def sent(seconds: float) -> None:
+            now = loop.time() - t0
+            if result.audio_start_s is None:
+                result.audio_start_s = now
+            result.audio_end_s = now
+            result.audio_seconds = seconds
+
+        async def send() -> None:
+            with contextlib.suppress(StreamClosedError):
+                await stream_file(
+                    client, audio, chunk_ms=chunk_ms, realtime=realtime, on_chunk=sent
+                )
+
+        async def receive() -> None:
+            async for message in client.messages():
+                result.add(message, loop.time() - t0)
+                if on_message is not None:
+                    on_message(message)
+
+        sender = asyncio.create_task(send())
+        receiver = asyncio.create_task(receive())
+        try:
+            done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+            if receiver in done:
+                # The server closed (or sent garbage): nothing more can be sent,
+                # and a sender waiting for its next chunk must not hold us up.
+                if not sender.done():
+                    sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sender
+                await receiver
+            elif sender.exception() is not None:
+                # Sending failed for a reason of ours: do not wait for an idle timeout.
+                receiver.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await receiver
+                await sender
+            else:
+                await receiver
+        finally:
+            for task in (sender, receiver):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StreamError):
+                        await task
+    result.close_code = client.close_code
+    result.close_reason = client.close_reason
+    return result
