@@ -386,6 +386,7 @@ class StreamClient:
         keyterms: Iterable[str] = (),
         api_key: str | None = None,
         extra_params: Mapping[str, object] | Sequence[tuple[str, object]] | None = None,
+        warnings: bool = True,
         open_timeout: float | None = 10.0,
         close_timeout: float | None = 10.0,
     ) -> None:
@@ -420,6 +421,9 @@ class StreamClient:
         if vad_events:
             params.append(("vad_events", "true"))
         params.extend(("keyterm", term) for term in keyterms)
+        if warnings:
+            # Earshot sends Warning messages (lag) only to clients that ask.
+            params.append(("warnings", "true"))
         extra: list[tuple[str, str]] = []
         if extra_params is not None:
             items = extra_params.items() if isinstance(extra_params, Mapping) else extra_params
@@ -827,6 +831,7 @@ async def transcribe_stream(
     keyterms: Iterable[str] = (),
     api_key: str | None = None,
     extra_params: Mapping[str, object] | Sequence[tuple[str, object]] | None = None,
+    warnings: bool = True,
     chunk_ms: float = 20.0,
     realtime: bool = True,
     audio_sample_rate: int | None = None,
@@ -860,6 +865,7 @@ async def transcribe_stream(
         keyterms=keyterms,
         api_key=api_key,
         extra_params=extra_params,
+        warnings=warnings,
     )
     if not isinstance(audio, AsyncIterable):
         # Read, resample and encode before connecting: a bad file fails fast

@@ -92,6 +92,7 @@ KNOWN_PARAMETERS = frozenset(
         "model",
         "words",
         "keyterm",
+        "warnings",
     }
 )
 
@@ -148,6 +149,7 @@ class StreamParams:
     model: str | None = None
     words: bool = True
     keyterms: tuple[str, ...] = ()
+    warnings: bool = False
     ignored: tuple[str, ...] = ()
 
     @property
@@ -169,6 +171,7 @@ class StreamParams:
             "model": self.model,
             "words": self.words,
             "keyterm": list(self.keyterms),
+            "warnings": self.warnings,
         }
 
 
@@ -245,11 +248,12 @@ def parse_params(
         model=single.get("model") or None,
         words=_parse_bool("words", single.get("words", "true")),
         keyterms=tuple(keyterms),
+        warnings=_parse_bool("warnings", single.get("warnings", "false")),
         ignored=tuple(sorted(set(ignored))),
     )
 
 
-CONTROL_TYPES = ("KeepAlive", "Finalize", "CloseStream")
+CONTROL_TYPES = ("KeepAlive", "Finalize", "CloseStream", "Configure")
 
 
 def parse_control(text: str) -> str:
@@ -391,8 +395,22 @@ def event_message(ev: Event, request_id: str, model_name: str) -> dict[str, Any]
 
 
 def error_message(err: EarshotError) -> dict[str, Any]:
-    """The ``Error`` message sent before a close (or alone, for non-fatal errors)."""
-    return {"type": "Error", **err.to_dict()}
+    """The ``Error`` message sent before a close (or alone, for non-fatal errors).
+
+    Deepgram's clients read ``variant`` and ``description``; Earshot's own
+    ``code`` and ``message`` carry the same facts."""
+    return {"type": "Error", "variant": err.code, "description": err.message, **err.to_dict()}
+
+
+def configure_failure(request_id: str) -> dict[str, Any]:
+    """The answer to Deepgram's ``Configure`` message: settings are fixed at the
+    start of a stream here."""
+    return {
+        "type": "ConfigureFailure",
+        "request_id": request_id,
+        "code": "CONFIGURE_NOT_SUPPORTED",
+        "description": "settings cannot be changed during a stream; open a new stream",
+    }
 
 
 def metadata_message(

@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from models.backend import Backend, DecodeOptions, Hypothesis
+from models.catalog import lookup
 from models.vad import FrameModel, StreamingVad, VadSettings
 from service import __version__
 from service.config import Config
@@ -34,6 +35,8 @@ from service.protocol import (
     InvalidMessageError,
     ModelUnavailableError,
     StreamParams,
+    WarningEvent,
+    configure_failure,
     error_message,
     event_message,
     metadata_message,
@@ -44,9 +47,6 @@ from service.scheduler import DecodeJob, JobKind, Scheduler, SchedulerSettings, 
 from service.session import FINAL, DecodeRequest, Output, SessionSettings, StreamSession
 
 log = logging.getLogger("earshot.server")
-
-# Names that Deepgram clients send by default; they all mean "the served model".
-_DEEPGRAM_MODEL_PREFIXES = ("nova", "enhanced", "general", "base", "whisper")
 
 
 class FrameTooLargeError(EarshotError):
@@ -160,16 +160,22 @@ ENGINE = web.AppKey("engine", Engine)
 def json_error(
     err: EarshotError, *, status: int | None = None, headers: dict[str, str] | None = None
 ) -> web.Response:
-    return web.json_response(
-        {"type": "Error", **err.to_dict()}, status=status or err.http_status, headers=headers
-    )
+    return web.json_response(error_message(err), status=status or err.http_status, headers=headers)
+
+
+# Deepgram tier names that are also Whisper model names: Deepgram clients send
+# them, so they mean the served model like every other Deepgram name.
+_DEEPGRAM_TIERS = frozenset({"base"})
 
 
 def _check_model(engine: Engine, params: StreamParams) -> None:
+    """Deepgram's model names (nova-3, phonecall, ...) all mean the served
+    model; naming another Whisper model is refused rather than silently
+    answered by a different one."""
     name = params.model
-    if name is None or name == engine.model_name:
+    if name is None or name == engine.model_name or name in _DEEPGRAM_TIERS:
         return
-    if name.lower().startswith(_DEEPGRAM_MODEL_PREFIXES):
+    if lookup(name) is None:
         return
     raise ModelUnavailableError(
         f"model {name!r} is not served here; this server runs {engine.model_name!r}",
@@ -223,6 +229,12 @@ class LiveStream:
 
     def _emit(self, events: list[Any]) -> None:
         for ev in events:
+            if isinstance(ev, WarningEvent) and not self.params.warnings:
+                # Deepgram's SDKs fail on message types they do not know.
+                log.info(
+                    "stream warning %s: %s", ev.code, ev.message, extra={"session": self.request_id}
+                )
+                continue
             self._send(event_message(ev, self.request_id, self.engine.model_name))
 
     # -- decoding -------------------------------------------------------------
@@ -306,6 +318,8 @@ class LiveStream:
                         self._submit(self.session.finalize())
                     elif kind == "CloseStream":
                         break
+                    elif kind == "Configure":
+                        self._send(configure_failure(self.request_id))
                 else:  # CLOSE, CLOSING, CLOSED, ERROR: the client is gone
                     client_gone = True
                     break

@@ -214,6 +214,7 @@ def test_query_string_carries_the_options() -> None:
         "utterance_end_ms": "1500",
         "vad_events": "true",
         "keyterm": None,
+        "warnings": "true",
         "punctuate": "true",
         "tag": "x",
     }
@@ -228,8 +229,10 @@ def test_defaults_leave_server_defaults_alone() -> None:
         "sample_rate": "16000",
         "channels": "1",
         "interim_results": "true",
+        "warnings": "true",
     }
-    q = dict(query_of(StreamClient("ws://h/v1/listen", endpointing=300).url))
+    q = dict(query_of(StreamClient("ws://h/v1/listen", endpointing=300, warnings=False).url))
+    assert "warnings" not in q
     assert q["endpointing"] == "300"
 
 

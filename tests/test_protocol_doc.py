@@ -41,6 +41,7 @@ from service.protocol import (
     UtteranceEndEvent,
     WarningEvent,
     Word,
+    configure_failure,
     error_message,
     event_message,
     metadata_message,
@@ -189,6 +190,7 @@ def sample_messages() -> dict[str, dict[str, Any]]:
         "UtteranceEnd": event_message(UtteranceEndEvent(0, 1, 0.3), "req", "base"),
         "Warning": event_message(WarningEvent("lagging", "behind"), "req", "base"),
         "Error": error_message(EarshotError("boom")),
+        "ConfigureFailure": configure_failure("req"),
     }
 
 

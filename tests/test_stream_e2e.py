@@ -386,3 +386,50 @@ def test_server_full_is_refused_with_503_and_retry_after() -> None:
     status, retry, body = run(main)
     assert status == 503 and retry is not None and int(retry) > 0
     assert body["code"] == "server_full" and "max_streams" in body["message"]
+
+
+def _slow_engine(**overrides: Any) -> Engine:
+    # Each batch takes 0.6 s, while the audio is sent much faster than real time.
+    return make_engine(ToneBackend(delay_s=0.6), max_batch=1, **overrides)
+
+
+def test_lag_warning_only_for_clients_that_ask() -> None:
+    script = random_script(6, (1, 3), seed=5)
+    audio, _ = make_speech(script, 16000, gap_s=0.8)
+
+    async def main(warnings: bool) -> Any:
+        async with listen_url(_slow_engine(lag_warning_s=1.0, lag_limit_s=35.0)) as url:
+            return await transcribe_stream(
+                url,
+                audio,
+                realtime=False,
+                interim_results=False,
+                warnings=warnings,
+            )
+
+    asked = run(lambda: main(True))
+    lagging = [m for m in asked.messages if m["type"] == "Warning"]
+    assert lagging and lagging[0]["code"] == "lagging"
+    assert lagging[0]["lag_s"] > 1.0 and lagging[0]["limit_s"] == 35.0
+    assert finals_text(asked) == utterances(script)
+    silent = run(lambda: main(False))
+    assert not [m for m in silent.messages if m["type"] == "Warning"]
+    assert finals_text(silent) == utterances(script)
+
+
+def test_stream_past_the_lag_limit_is_closed_with_its_code() -> None:
+    script = random_script(10, (1, 3), seed=6)
+    audio, _ = make_speech(script, 16000, gap_s=0.8)
+
+    async def main() -> Any:
+        async with listen_url(_slow_engine(lag_warning_s=1.0, lag_limit_s=2.0)) as url:
+            return await transcribe_stream(url, audio, realtime=False, interim_results=False)
+
+    result = run(main)
+    assert result.close_code == 4429
+    errors = [m for m in result.messages if m["type"] == "Error"]
+    assert [e["code"] for e in errors] == ["stream_lagging"]
+    assert errors[0]["limit_s"] == 2.0
+    # Finals of the audio received before the close are still delivered, in order.
+    got = finals_text(result)
+    assert got and got == utterances(script)[: len(got)]
