@@ -291,7 +291,13 @@ class WhisperRunner:
 
         model = self._model
         tok = self._tokenizer(group[0].language, options.task)
-        max_length = max(len(p.prompt) + p.budget for p in group)
+        # CTranslate2 generates at most min(max_length // 2, max_length -
+        # prompt length + 1) new tokens: ask for enough room, then cut each
+        # window to its own budget below.
+        budget = max(p.budget for p in group)
+        max_length = min(
+            model.max_length, max(2 * budget, max(len(p.prompt) for p in group) + budget)
+        )
         suppress = get_suppressed_tokens(tok, list(options.suppress_tokens))
         sampling = options.temperature > 0 and options.beam_size == 1
         results = model.model.generate(

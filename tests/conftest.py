@@ -37,3 +37,14 @@ def audio_manifest(testdata: Path) -> list[dict[str, Any]]:
     for row in rows:
         row["abspath"] = str(audio_dir() / row["path"])
     return rows
+
+
+@pytest.fixture(scope="session")
+def micro_model(tokenizer_path: Path) -> Path:
+    """Folder of a random-weight "micro" Whisper model in CTranslate2 format that
+    faster-whisper loads and that decodes any audio to exactly 8 text tokens
+    (see ``tests/kit/whisper_builder.py``). Built once into the model cache and
+    shared: tests must not write into it."""
+    from tests.kit.whisper_builder import cached_model
+
+    return cached_model("micro", tokens=8, seed=0, quantization="int8")

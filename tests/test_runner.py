@@ -1,0 +1,139 @@
+"""The runner through the real faster-whisper and CTranslate2 code, on
+random-weight models built by the test kit."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.backend import Backend, DecodeOptions, Window
+from models.runner import RunnerSettings, WhisperRunner, pick_device
+from service.audiofile import load_audio
+from service.errors import ConfigError, InvalidRequestError
+from tests.kit.paths import audio_dir
+from tests.kit.whisper_builder import cached_model
+
+
+@pytest.fixture(scope="module")
+def runner(micro_model: Path) -> WhisperRunner:
+    return WhisperRunner(micro_model, RunnerSettings(device="cpu", cpu_threads=2))
+
+
+@pytest.fixture(scope="module")
+def speech(testdata: Path) -> np.ndarray:
+    return load_audio(audio_dir() / "librispeech" / "1089-134686-0000.flac").samples
+
+
+def test_runner_is_a_backend(runner: WhisperRunner) -> None:
+    assert isinstance(runner, Backend)
+    assert runner.device == "cpu" and runner.compute_type == "int8"
+
+
+def test_batched_decoding_equals_decoding_each_window_alone(
+    runner: WhisperRunner, speech: np.ndarray
+) -> None:
+    sr = 16000
+    windows = [
+        Window(speech[: 2 * sr], language="en"),
+        Window(speech[sr : 9 * sr], language="en", prompt="the stew was hot"),
+        Window(speech[3 * sr : 10 * sr], language="en"),
+        Window(speech[: 5 * sr], language="en", prompt="a much longer piece of previous text"),
+        Window(speech[2 * sr : 4 * sr], language="en", prompt="the stew was cold"),
+    ]
+    options = DecodeOptions(beam_size=1)
+    calls = runner.calls
+    batched = runner.transcribe_batch(windows, options)
+    assert runner.calls == calls + 1
+    for window, hyp in zip(windows, batched, strict=True):
+        alone = runner.transcribe_batch([window], options)[0]
+        assert hyp.tokens == alone.tokens
+        assert hyp.text == alone.text
+        assert hyp.avg_logprob == pytest.approx(alone.avg_logprob, abs=1e-3)
+
+
+def test_hypothesis_fields(runner: WhisperRunner, speech: np.ndarray) -> None:
+    window = Window(speech[: 6 * 16000], language="en")
+    hyp = runner.transcribe_batch([window], DecodeOptions(word_timestamps=True))[0]
+    assert hyp.text and hyp.language == "en"
+    assert 0.0 <= hyp.no_speech_prob <= 1.0
+    assert hyp.avg_logprob <= 0.0
+    assert hyp.segments and hyp.segments[0].start >= 0.0
+    assert hyp.segments[-1].end <= window.duration + 1e-6
+    assert hyp.words, "word timings were asked for"
+    assert all(0.0 <= w.start <= w.end <= window.duration + 0.02 for w in hyp.words)
+    assert "".join(w.word for w in hyp.words).strip() == hyp.text
+
+
+def test_language_is_detected_when_not_given(runner: WhisperRunner, speech: np.ndarray) -> None:
+    hyp = runner.transcribe_batch([Window(speech[: 3 * 16000])], DecodeOptions())[0]
+    assert hyp.language in runner.supported_languages
+
+
+def test_token_budget_follows_the_window_duration(tokenizer_path: Path, speech: np.ndarray) -> None:
+    long_model = cached_model("micro", 60, 0, "int8")
+    runner = WhisperRunner(long_model, RunnerSettings(device="cpu"))
+    window = Window(speech[:16000], language="en")
+    unbounded = runner.transcribe_batch([window], DecodeOptions(min_tokens=200))[0]
+    assert len([t for t in unbounded.tokens if t < 50257]) == 60
+    options = DecodeOptions(max_tokens_per_second=4.0, min_tokens=2)
+    bounded = runner.transcribe_batch([window], options)[0]
+    assert len(bounded.tokens) == options.token_budget(1.0) == 6
+    assert bounded.tokens == unbounded.tokens[:6]
+
+
+def test_bad_windows_are_refused(runner: WhisperRunner) -> None:
+    with pytest.raises(InvalidRequestError, match="maximum is 30 s"):
+        runner.transcribe_batch([Window(np.zeros(31 * 16000, np.float32))], DecodeOptions())
+    with pytest.raises(InvalidRequestError, match="not supported"):
+        runner.transcribe_batch(
+            [Window(np.zeros(16000, np.float32), language="xx")], DecodeOptions()
+        )
+    with pytest.raises(InvalidRequestError, match="non-empty"):
+        runner.transcribe_batch([Window(np.zeros(0, np.float32))], DecodeOptions())
+    assert runner.transcribe_batch([], DecodeOptions()) == []
+
+
+def test_provenance_checksums_equal_sha256sum(runner: WhisperRunner, micro_model: Path) -> None:
+    prov = runner.provenance()
+    out = subprocess.run(
+        ["sha256sum", str(micro_model / "model.bin")], capture_output=True, text=True, check=True
+    )
+    assert prov["model_sha256"] == out.stdout.split()[0]
+    assert prov["compute_type"] == "int8" and prov["device"] == "cpu"
+    assert prov["backend"] == "local"
+
+
+def test_safe_from_a_worker_thread_while_the_loop_runs(
+    runner: WhisperRunner, speech: np.ndarray
+) -> None:
+    async def main() -> tuple[int, int]:
+        ticks = 0
+        done = False
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not done:
+                ticks += 1
+                await asyncio.sleep(0.005)
+
+        task = asyncio.create_task(ticker())
+        windows = [Window(speech[: 8 * 16000], language="en")] * 4
+        hyps = await asyncio.to_thread(runner.transcribe_batch, windows, DecodeOptions())
+        done = True
+        await task
+        return ticks, len(hyps)
+
+    ticks, n = asyncio.run(main())
+    assert n == 4 and ticks > 3
+
+
+def test_device_selection() -> None:
+    assert pick_device("cpu", "auto") == ("cpu", "int8")
+    with pytest.raises(ConfigError, match="device must be"):
+        pick_device("tpu", "auto")
+    with pytest.raises(ConfigError, match="not supported on cpu"):
+        pick_device("cpu", "float99")
