@@ -1,0 +1,36 @@
+# Earshot, CPU image: int8 Whisper on the CPU, the streaming server on port 8000.
+#
+#   docker build -t earshot .
+#   docker run --rm -p 8000:8000 -v earshot-models:/models earshot
+#
+# Models are not baked in: bring one into the volume first, e.g.
+#   docker run --rm -v earshot-models:/models earshot models pull base        (hub reachable)
+#   docker run --rm -v earshot-models:/models -v /path/to/model:/in:ro earshot models import /in --name base
+# (GPU images come with the deployment work: CTranslate2 4.8 needs CUDA 12's cuBLAS.)
+
+FROM python:3.11-slim-bookworm AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY service ./service
+COPY models ./models
+COPY clients ./clients
+RUN python -m pip install --no-cache-dir --upgrade pip \
+ && python -m pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11-slim-bookworm
+COPY --from=build /wheels /wheels
+RUN python -m pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
+ && useradd --system --uid 10001 --home-dir /home/earshot --create-home earshot \
+ && mkdir -p /models && chown earshot /models
+USER earshot
+ENV EARSHOT_MODELS_DIR=/models \
+    EARSHOT_HOST=0.0.0.0 \
+    EARSHOT_PORT=8000 \
+    HF_HUB_DISABLE_TELEMETRY=1 \
+    PYTHONUNBUFFERED=1
+VOLUME ["/models"]
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=3s --start-period=60s \
+  CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status == 200 else 1)"
+ENTRYPOINT ["earshot"]
+CMD ["serve"]
