@@ -433,3 +433,92 @@ def test_stream_past_the_lag_limit_is_closed_with_its_code() -> None:
     # Finals of the audio received before the close are still delivered, in order.
     got = finals_text(result)
     assert got and got == utterances(script)[: len(got)]
+
+
+# -- more of the streaming policy ------------------------------------------------
+
+
+def test_vad_events_and_utterance_end() -> None:
+    script = [["alpha", "bravo"], ["charlie"]]
+    audio, truth = make_speech(script, 16000)
+
+    async def main() -> Any:
+        async with listen_url(make_engine()) as url:
+            return await transcribe_stream(
+                url, audio, realtime=False, vad_events=True, utterance_end_ms=1000
+            )
+
+    result = run(main)
+    kinds = [m["type"] for m in result.messages]
+    started = [m for m in result.messages if m["type"] == "SpeechStarted"]
+    assert len(started) == 2
+    for msg, utt in zip(started, truth.utterances, strict=True):
+        assert abs(msg["timestamp"] - utt.start) < 0.3
+    ends = [m for m in result.messages if m["type"] == "UtteranceEnd"]
+    assert len(ends) == 2
+    assert abs(ends[0]["last_word_end"] - truth.utterances[0].end) < 0.1
+    # Each UtteranceEnd follows the final of its utterance.
+    for i, kind in enumerate(kinds):
+        if kind == "UtteranceEnd":
+            assert kinds[i - 1] == "Results" and result.messages[i - 1]["is_final"]
+
+
+def test_long_utterance_is_cut_at_a_quiet_point_without_losing_words() -> None:
+    words = random_script(1, (30, 30), seed=9)[0]  # about 9.5 s of speech, no pause
+    audio, _ = make_speech([words], 16000)
+
+    async def main() -> Any:
+        async with listen_url(make_engine(max_utterance_s=4.0)) as url:
+            return await transcribe_stream(url, audio, realtime=False, interim_results=False)
+
+    result = run(main)
+    finals = result.finals[0]
+    assert len(finals) >= 3
+    assert " ".join(finals_text(result)).split() == words
+    assert [m["speech_final"] for m in finals][:-1] == [False] * (len(finals) - 1)
+    assert finals[-1]["speech_final"] is True
+    assert all(m["duration"] <= 4.0 + 0.05 for m in finals)
+
+
+def test_silence_and_noise_are_never_decoded() -> None:
+    rng = np.random.default_rng(0)
+    noise = (rng.standard_normal(16000 * 4) * 10 ** (-50 / 20)).astype(np.float32)
+    quiet = np.concatenate([np.zeros(16000 * 3, np.float32), noise])
+    backend = ToneBackend()
+
+    async def main() -> Any:
+        async with listen_url(make_engine(backend)) as url:
+            return await transcribe_stream(url, quiet, realtime=False, interim_results=True)
+
+    result = run(main)
+    assert result.close_code == 1000
+    assert not result.finals and not result.interims
+    assert backend.windows_decoded == 0
+
+
+def test_random_weight_whisper_end_to_end(micro_model: Any, testdata: Any) -> None:
+    from models.runner import RunnerSettings, WhisperRunner
+    from service.audiofile import load_audio
+    from tests.kit.paths import audio_dir
+
+    runner = WhisperRunner(micro_model, RunnerSettings(device="cpu"))
+    first = load_audio(audio_dir() / "librispeech" / "1089-134686-0001.flac").samples
+    second = load_audio(audio_dir() / "librispeech" / "1089-134686-0002.flac").samples
+    audio = np.concatenate([first, np.zeros(16000, np.float32), second]).astype(np.float32)
+    cfg = load_config(env={}, overrides={"final_beam_size": 2})
+    engine = Engine.create(cfg, runner, vad_model=shared_model())
+
+    async def main() -> Any:
+        async with listen_url(engine) as url:
+            return await transcribe_stream(url, audio, realtime=False, interim_results=True)
+
+    result = run(main)
+    assert result.close_code == 1000
+    texts = finals_text(result)
+    assert len(texts) >= 2 and all(len(t.split()) >= 4 for t in texts)
+    meta = result.metadata["earshot"]
+    assert meta["model"]["model_sha256"] == runner.provenance()["model_sha256"]
+    assert meta["decoding"]["final"]["beam_size"] == 2
+    assert "path" not in meta["model"]
+    words = result.finals[0][0]["channel"]["alternatives"][0]["words"]
+    assert words and all(w["start"] <= w["end"] for w in words)
