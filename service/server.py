@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -95,6 +96,8 @@ class Engine:
     policy: dict[str, Any] = field(default_factory=dict)
     active_streams: int = 0
     streams_total: int = 0
+    # How streams ended, by websocket close code (also for metrics).
+    closes: Counter[int] = field(default_factory=Counter)
 
     @classmethod
     def create(
@@ -354,6 +357,7 @@ class LiveStream:
             with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
                 await sender
             reason = (self._close_reason or "").encode()[:120]
+            engine.closes[close_code] += 1
             await self.ws.close(code=close_code, message=reason)
 
     async def _flush(self) -> None:
