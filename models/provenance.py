@@ -12,7 +12,6 @@ modification time, so a 3 GB ``model.bin`` is hashed once, not at every start.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -321,8 +320,3 @@ def folder_provenance(
         files={n: d.sha256 for n, d in digests.items()},
         verified=verified,
     )
-
-
-def remove_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink()

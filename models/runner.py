@@ -389,9 +389,4 @@ class WhisperRunner:
         )
 
 
-def window_from_samples(audio: np.ndarray, **kwargs: Any) -> Window:
-    """A Window from float32 16 kHz samples (convenience for callers and tests)."""
-    return Window(audio=np.ascontiguousarray(audio, dtype=np.float32), **kwargs)
-
-
 __all__ = ["SAMPLE_RATE", "RunnerSettings", "WhisperRunner", "pick_device"]

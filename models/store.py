@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.catalog import CATALOG, entry_for_repo, lookup
-from models.provenance import RECORD_NAME, ModelRecord, read_record, write_record
+from models.provenance import ModelRecord, read_record, write_record
 from service.errors import EarshotError, ModelNotFoundError
 
 _HUB_FILES = [
@@ -223,7 +223,6 @@ def _name_of(path: Path) -> str:
 
 
 __all__ = [
-    "RECORD_NAME",
     "ModelStore",
     "ResolvedModel",
     "default_store_dir",
