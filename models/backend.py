@@ -69,6 +69,11 @@ class DecodeOptions:
     # share one decoder call (see models/runner.py), so a fixed, short prompt
     # keeps the finals of many streams in one batch.
     max_prompt_tokens: int = 64
+    # Encode only as many frames as the longest window of the batch needs
+    # (rounded up to whole seconds, plus one), instead of Whisper's padded 30 s.
+    # Much cheaper for short windows; Whisper was trained on 30 s windows, so
+    # it may cost accuracy: an explicit opt-in, never a silent default.
+    short_context: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The options as plain JSON values, for provenance records."""
@@ -87,6 +92,7 @@ class DecodeOptions:
             "max_tokens_per_second": self.max_tokens_per_second,
             "min_tokens": self.min_tokens,
             "max_prompt_tokens": self.max_prompt_tokens,
+            "short_context": self.short_context,
         }
 
     def token_budget(self, duration: float) -> int:

@@ -225,16 +225,22 @@ class WhisperRunner:
             self._tokenizers[key] = tok
         return tok
 
-    def _features(self, windows: Sequence[Window]) -> np.ndarray:
+    def _features(self, windows: Sequence[Window], short_context: bool) -> np.ndarray:
         fe = self._model.feature_extractor
+        frames = self._n_frames
+        if short_context:
+            # Whole seconds, one spare: 100 mel frames per second.
+            longest = max(w.duration for w in windows)
+            frames = min(self._n_frames, (math.ceil(longest) + 1) * fe.nb_max_frames // 30)
         feats = []
         for w in windows:
             audio = np.ascontiguousarray(w.audio, dtype=np.float32)
             mel = fe(audio, chunk_length=int(MAX_WINDOW_SECONDS))
-            # Pad or trim to exactly 30 s of frames, as Whisper was trained.
-            if mel.shape[-1] < self._n_frames:
-                mel = np.pad(mel, ((0, 0), (0, self._n_frames - mel.shape[-1])))
-            feats.append(mel[:, : self._n_frames])
+            # Pad or trim to the frames the encoder is given (30 s, as Whisper
+            # was trained, unless short_context asks for less).
+            if mel.shape[-1] < frames:
+                mel = np.pad(mel, ((0, 0), (0, frames - mel.shape[-1])))
+            feats.append(mel[:, :frames])
         return np.ascontiguousarray(np.stack(feats).astype(np.float32))
 
     def _detect_languages(self, encoder_output: Any, count: int) -> list[str]:
@@ -263,7 +269,7 @@ class WhisperRunner:
         return prepared
 
     def _transcribe_locked(self, windows: list[Window], options: DecodeOptions) -> list[Hypothesis]:
-        features = self._features(windows)
+        features = self._features(windows, options.short_context)
         encoder_output = self._model.encode(features)
         languages = [w.language for w in windows]
         if any(lang is None for lang in languages):

@@ -47,6 +47,13 @@ class Config:
     max_queue: int = _f(256, "queued jobs past which the server counts as overloaded")
     max_streams: int = _f(64, "concurrent streams; more are refused with 503")
     final_beam_size: int = _f(5, "beam size of final decodes")
+    interim_short_context: bool = _f(
+        False,
+        "encode interims over their own length, not a padded 30 s (faster; may cost accuracy)",
+    )
+    final_short_context: bool = _f(
+        False, "encode finals over their own length, not a padded 30 s (faster; may cost accuracy)"
+    )
     interim_step_s: float = _f(0.75, "seconds of new audio between interim decodes")
     max_utterance_s: float = _f(20.0, "longest utterance; longer speech is cut at a quiet point")
     lag_warning_s: float = _f(5.0, "warn a stream this far behind real time")

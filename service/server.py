@@ -75,12 +75,20 @@ class ServerFullError(EarshotError):
 
 def final_options(cfg: Config) -> DecodeOptions:
     return DecodeOptions(
-        beam_size=cfg.final_beam_size, without_timestamps=True, word_timestamps=True
+        beam_size=cfg.final_beam_size,
+        without_timestamps=True,
+        word_timestamps=True,
+        short_context=cfg.final_short_context,
     )
 
 
 def interim_options(cfg: Config) -> DecodeOptions:
-    return DecodeOptions(beam_size=1, without_timestamps=True, word_timestamps=False)
+    return DecodeOptions(
+        beam_size=1,
+        without_timestamps=True,
+        word_timestamps=False,
+        short_context=cfg.interim_short_context,
+    )
 
 
 @dataclass

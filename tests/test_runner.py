@@ -137,3 +137,14 @@ def test_device_selection() -> None:
         pick_device("tpu", "auto")
     with pytest.raises(ConfigError, match="not supported on cpu"):
         pick_device("cpu", "float99")
+
+
+def test_short_context_encodes_only_what_the_batch_needs(
+    runner: WhisperRunner, speech: np.ndarray
+) -> None:
+    windows = [Window(speech[: 3 * 16000], language="en"), Window(speech[: 5 * 16000 - 7])]
+    assert runner._features(windows, short_context=False).shape[-1] == 3000
+    assert runner._features(windows, short_context=True).shape[-1] == 600  # 5 s + 1 s spare
+    hyps = runner.transcribe_batch(windows, DecodeOptions(short_context=True, word_timestamps=True))
+    assert all(h.text and h.words for h in hyps)
+    assert all(w.end <= 5.0 + 0.02 for h in hyps for w in h.words)
