@@ -8,11 +8,11 @@ batched decoder call.
 
 One CTranslate2 constraint shapes the batching: all prompts of a
 ``generate`` call must put ``<|startoftranscript|>`` at the same position and
-carry the same number of task tokens. The whole batch is encoded in one call;
-windows whose prompts share a shape (no previous text, or previous text of
-equal token length) and a language share one decoder call. A batch with
-several prompt shapes makes one decoder call per shape and re-encodes the
-windows of each (rare: the scheduler batches like with like). Padding prompts
+carry the same number of task tokens. Windows whose prompts share a shape (no
+previous text, or previous text of equal token length) and a language share
+one encoder call and one decoder call; a batch with several prompt shapes
+makes one encoder and one decoder call per shape. (Windows without a language
+are encoded once together for detection first.) Padding prompts
 to a common length would let a window's words depend on which other windows
 were batched with it, so Earshot does not do that.
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -92,9 +93,18 @@ def pick_device(device: str, compute_type: str) -> tuple[str, str]:
     return device, compute_type
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class RunnerSettings:
-    """How to load the model. ``cpu_threads`` 0 lets CTranslate2 choose."""
+    """How to load the model. ``cpu_threads`` 0 means one per usable CPU
+    (CTranslate2's own default, 4, oversubscribes a 2-core machine)."""
 
     device: str = "auto"
     compute_type: str = "auto"
@@ -141,7 +151,7 @@ class WhisperRunner:
             device=self.device,
             device_index=self.settings.device_index,
             compute_type=self.compute_type,
-            cpu_threads=self.settings.cpu_threads,
+            cpu_threads=self.settings.cpu_threads or usable_cpus(),
             num_workers=1,
         )
         prov = provenance or folder_provenance(
@@ -270,9 +280,11 @@ class WhisperRunner:
 
     def _transcribe_locked(self, windows: list[Window], options: DecodeOptions) -> list[Hypothesis]:
         features = self._features(windows, options.short_context)
-        encoder_output = self._model.encode(features)
         languages = [w.language for w in windows]
+        encoder_output = None
         if any(lang is None for lang in languages):
+            # Detection needs the encoder output of the windows first.
+            encoder_output = self._model.encode(features)
             detected = self._detect_languages(encoder_output, len(windows))
             languages = [lang or d for lang, d in zip(languages, detected, strict=True)]
         prepared = self._prepare(windows, [lang or "en" for lang in languages], options)
@@ -284,8 +296,10 @@ class WhisperRunner:
         out: list[Hypothesis | None] = [None] * len(windows)
         for group in groups.values():
             idx = [p.index for p in group]
-            # The common case is one group: reuse the batch's encoder output.
-            enc = encoder_output if len(groups) == 1 else self._model.encode(features[idx])
+            if len(groups) == 1 and encoder_output is not None:
+                enc = encoder_output  # already computed for language detection
+            else:
+                enc = self._model.encode(features[idx])
             for p, hyp in zip(group, self._decode_group(enc, group, options), strict=True):
                 out[p.index] = hyp
         return [h for h in out if h is not None]

@@ -370,6 +370,12 @@ class StreamingVad:
         return self._phase == _SPEECH
 
     @property
+    def in_pause(self) -> bool:
+        """True while an open utterance is in a silence that may yet end it
+        (the silence has begun but is not ``min_silence_ms`` long yet)."""
+        return self._phase == _SPEECH and self._silence_start is not None
+
+    @property
     def time(self) -> float:
         """Seconds of audio fed so far (the stream's clock)."""
         return self._fed / SAMPLE_RATE

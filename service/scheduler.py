@@ -95,15 +95,16 @@ class DecodeJob:
 def default_max_batch(device: str) -> int:
     """A sensible ``max_batch`` for the device the backend runs on.
 
-    ``"cpu"``: 4. On a 2-core CPU batching does not raise Whisper's encoder
+    ``"cpu"``: 1. On a 2-core CPU batching does not raise Whisper's encoder
     throughput (a batch of 8 costs 10 to 45 % more per window than batch 1),
-    so a batch is kept small to bound the latency of its first job.
+    and every job of a batch waits for the whole batch: bench/streams.py kept
+    4 streams in real time with batches of 1 and only 1 with batches of 4.
     ``"cuda"`` or ``"cuda:N"``: 16; on a GPU throughput comes from batching.
     Pass the resolved device (the runner's ``device``), not ``"auto"``;
     anything else raises ConfigError.
     """
     if device == "cpu":
-        return 4
+        return 1
     if device == "cuda" or device.startswith("cuda:"):
         return 16
     raise ConfigError(

@@ -368,16 +368,35 @@ class LiveStream:
             engine.closes[close_code] += 1
             await self.ws.close(code=close_code, message=reason)
 
+    async def _read_until_closed(self) -> None:
+        """Read and ignore whatever the client sends until it closes."""
+        while True:
+            msg = await self.ws.receive()
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                return
+
     async def _flush(self) -> None:
         """Finish the stream: decode every open utterance and wait for its final."""
         out, error = self.session.finish()
         self._submit(out)
         if error is not None:
             self._send(error_message(error))
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(
-                self._finals_done.wait(), timeout=self.engine.config.flush_timeout_s
+        # Keep reading while the last finals are decoded: aiohttp answers the
+        # client's pings only inside receive(), and a client whose pings go
+        # unanswered gives up before its finals arrive.
+        reader = asyncio.create_task(self._read_until_closed())
+        finals = asyncio.create_task(self._finals_done.wait())
+        try:
+            await asyncio.wait(
+                {reader, finals},
+                timeout=self.engine.config.flush_timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
             )
+        finally:
+            finals.cancel()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
         self._send(
             metadata_message(
                 request_id=self.request_id,

@@ -428,7 +428,9 @@ class StreamSession:
         )
 
     def _maybe_interim(self, ch: _Channel) -> DecodeRequest | None:
-        if ch.open_start is None or ch.interim_in_flight:
+        # In a pause the utterance may be about to close: an interim now would
+        # most likely be thrown away, and would hold up the final.
+        if ch.open_start is None or ch.interim_in_flight or ch.vad.in_pause:
             return None
         now = ch.buffer.total
         s = self.settings

@@ -142,13 +142,13 @@ def text(result: Hypothesis | None) -> str | None:
 
 
 def test_default_max_batch_by_device() -> None:
-    assert default_max_batch("cpu") == 4
+    assert default_max_batch("cpu") == 1
     assert default_max_batch("cuda") == 16
     assert default_max_batch("cuda:1") == 16
     with pytest.raises(ConfigError):
         default_max_batch("auto")
     cpu = SchedulerSettings.for_device("cpu")
-    assert (cpu.max_batch, cpu.max_wait_ms) == (4, 0.0)
+    assert (cpu.max_batch, cpu.max_wait_ms) == (1, 0.0)
     gpu = SchedulerSettings.for_device("cuda", max_queue=10)
     assert (gpu.max_batch, gpu.max_wait_ms, gpu.max_queue) == (16, 10.0, 10)
 
