@@ -198,8 +198,15 @@ def _check_model(engine: Engine, params: StreamParams) -> None:
 class LiveStream:
     """One ``/v1/listen`` connection: reads frames, drives the session, sends events."""
 
-    def __init__(self, engine: Engine, ws: web.WebSocketResponse, params: StreamParams) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        ws: web.WebSocketResponse,
+        params: StreamParams,
+        transport: asyncio.Transport | None = None,
+    ) -> None:
         self.engine = engine
+        self.transport = transport
         self.ws = ws
         self.params = params
         self.request_id = str(uuid.uuid4())
@@ -366,7 +373,13 @@ class LiveStream:
                 await sender
             reason = (self._close_reason or "").encode()[:120]
             engine.closes[close_code] += 1
-            await self.ws.close(code=close_code, message=reason)
+            try:
+                # A client that does not read cannot take a close frame either.
+                timeout = 1.0 if close_code == CLOSE_CLIENT_NOT_READING else 10.0
+                await asyncio.wait_for(self.ws.close(code=close_code, message=reason), timeout)
+            except (asyncio.TimeoutError, ConnectionError):
+                if self.transport is not None:
+                    self.transport.abort()
 
     async def _read_until_closed(self) -> None:
         """Read and ignore whatever the client sends until it closes."""
@@ -436,7 +449,7 @@ async def handle_listen(request: web.Request) -> web.StreamResponse:
     engine.active_streams += 1
     engine.streams_total += 1
     try:
-        await LiveStream(engine, ws, params).run()
+        await LiveStream(engine, ws, params, request.transport).run()
     finally:
         engine.active_streams -= 1
     return ws
