@@ -63,6 +63,9 @@ class Config:
     max_pending_messages: int = _f(
         1000, "server messages queued for a slow client before it is closed"
     )
+    socket_send_buffer: int = _f(
+        65_536, "kernel send buffer per stream, bytes (bounds memory held for slow clients)"
+    )
     flush_timeout_s: float = _f(
         30.0, "at the end of a stream, how long to wait for its last finals"
     )
@@ -112,6 +115,7 @@ def _validate(cfg: Config) -> Config:
         ),
         ("max_frame_bytes", cfg.max_frame_bytes >= 1024, "at least 1024"),
         ("idle_timeout_s", cfg.idle_timeout_s > 0, "above 0"),
+        ("socket_send_buffer", cfg.socket_send_buffer >= 4096, "at least 4096"),
         ("device", cfg.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
     ]
     for name, ok, allowed in checks:

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import logging
+import socket
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -368,15 +369,18 @@ class LiveStream:
             if not client_gone:
                 with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
                     await asyncio.wait_for(asyncio.shield(sender), timeout=5.0)
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
-                await sender
-            reason = (self._close_reason or "").encode()[:120]
             engine.closes[close_code] += 1
-            try:
+            if close_code == CLOSE_CLIENT_NOT_READING and self.transport is not None:
                 # A client that does not read cannot take a close frame either.
-                timeout = 1.0 if close_code == CLOSE_CLIENT_NOT_READING else 10.0
-                await asyncio.wait_for(self.ws.close(code=close_code, message=reason), timeout)
+                self.transport.abort()
+            sender.cancel()
+            with contextlib.suppress(
+                asyncio.CancelledError, asyncio.TimeoutError, ConnectionError, RuntimeError
+            ):
+                await asyncio.wait_for(sender, timeout=2.0)
+            reason = (self._close_reason or "").encode()[:120]
+            try:
+                await asyncio.wait_for(self.ws.close(code=close_code, message=reason), 10.0)
             except (asyncio.TimeoutError, ConnectionError):
                 if self.transport is not None:
                     self.transport.abort()
@@ -446,6 +450,11 @@ async def handle_listen(request: web.Request) -> web.StreamResponse:
         return json_error(exc)
     ws = web.WebSocketResponse(max_msg_size=cfg.max_frame_bytes * 4, timeout=5.0)
     await ws.prepare(request)
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None:
+        # What a client that stops reading can make the kernel hold for it.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.socket_send_buffer)
     engine.active_streams += 1
     engine.streams_total += 1
     try:

@@ -575,10 +575,14 @@ def test_a_client_that_never_reads_is_closed_and_memory_stays_bounded() -> None:
             # From here on the client sends audio and never reads a byte.
             sent = 0
             try:
-                for i in range(0, len(pcm), 32000):
-                    frame = _masked_frame(0x2, pcm[i : i + 32000])
-                    await asyncio.wait_for(loop.sock_sendall(sock, frame), 5)
-                    sent += 1
+                # Speech, again and again (bounded), until the server gives up.
+                for _ in range(8):
+                    for i in range(0, len(pcm), 32000):
+                        frame = _masked_frame(0x2, pcm[i : i + 32000])
+                        await asyncio.wait_for(loop.sock_sendall(sock, frame), 5)
+                        sent += 1
+                        if engine.closes:
+                            break
                     if engine.closes:
                         break
             except (OSError, asyncio.TimeoutError):
