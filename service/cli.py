@@ -278,6 +278,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         name=resolved.name,
     )
     engine = Engine.create(cfg, runner, vad_model=shared_model())
+    print(f"earshot: model warmed up in {engine.warm_up():.1f} s", file=sys.stderr)
     print(
         f"earshot: serving {runner.name} on {runner.device} ({runner.compute_type}), "
         f"batches of up to {engine.scheduler.settings.max_batch}; "

@@ -127,6 +127,8 @@ class SchedulerSettings:
     - ``overload_final_wait_s``: :meth:`Scheduler.is_overloaded` is True when
       a new final would be expected to take longer than this.
     - ``ewma_alpha``: weight of the newest batch in the moving averages.
+    - ``interim_probe_s``: after this long without a decoded interim, one is
+      let through whatever the estimate says, so that the estimate recovers.
     - ``prior_window_s``: seconds per window assumed before any batch of that
       kind has been measured.
     """
@@ -137,6 +139,7 @@ class SchedulerSettings:
     interim_max_wait_s: float = 2.0
     overload_final_wait_s: float = 10.0
     ewma_alpha: float = 0.2
+    interim_probe_s: float = 5.0
     prior_window_s: float = 0.5
 
     def __post_init__(self) -> None:
@@ -320,6 +323,7 @@ class Scheduler:
         self._busy_seconds = 0.0
         self._ewma_batch: dict[JobKind, float | None] = dict.fromkeys(JobKind)
         self._ewma_window: dict[JobKind, float | None] = dict.fromkeys(JobKind)
+        self._last_done: dict[JobKind, float] = dict.fromkeys(JobKind, time.monotonic())
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
@@ -531,7 +535,13 @@ class Scheduler:
             return False
         if key in self._interims:
             return True
-        return self.estimated_wait(JobKind.INTERIM) <= self.settings.interim_max_wait_s
+        if self.estimated_wait(JobKind.INTERIM) <= self.settings.interim_max_wait_s:
+            return True
+        # The estimate only learns from interims that run: one slow batch (a
+        # cold start, a burst) must not shut interims out for good. With none
+        # queued and none decoded for a while, let one through as a probe.
+        idle = time.monotonic() - self._last_done[JobKind.INTERIM]
+        return not self._interims and idle > self.settings.interim_probe_s
 
     def is_overloaded(self) -> bool:
         """True when the server should refuse new streams (HTTP 503).
@@ -678,6 +688,7 @@ class Scheduler:
                 log.exception("scheduler on_batch hook failed")
 
     def _observe(self, kind: JobKind, size: int, seconds: float) -> None:
+        self._last_done[kind] = time.monotonic()
         alpha = self.settings.ewma_alpha
         for table, value in ((self._ewma_batch, seconds), (self._ewma_window, seconds / size)):
             previous = table[kind]

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import socket
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -20,9 +21,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 from aiohttp import WSMsgType, web
 
-from models.backend import Backend, DecodeOptions, Hypothesis
+from models.backend import SAMPLE_RATE, Backend, DecodeOptions, Hypothesis, Window
 from models.catalog import lookup
 from models.vad import FrameModel, StreamingVad, VadSettings
 from service import __version__
@@ -157,6 +159,16 @@ class Engine:
     def client_provenance(self) -> dict[str, Any]:
         """The model's provenance as clients see it (no server file paths)."""
         return {k: v for k, v in self.backend.provenance().items() if k != "path"}
+
+    def warm_up(self) -> float:
+        """Decode one second of silence with the interim and the final options,
+        so that the first stream does not pay for one-time start-up costs
+        (CUDA kernels, memory pools). Returns the seconds it took."""
+        start = time.monotonic()
+        window = Window(np.zeros(SAMPLE_RATE, np.float32), language="en")
+        for options in (self.scheduler.interim_options, self.scheduler.final_options):
+            self.backend.transcribe_batch([window], options)
+        return time.monotonic() - start
 
     def decoding(self) -> dict[str, Any]:
         return {

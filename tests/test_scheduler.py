@@ -556,3 +556,46 @@ def test_overload_by_estimated_final_wait() -> None:
             await asyncio.gather(*futs)
 
     run(main())
+
+
+def test_interims_recover_after_one_slow_batch() -> None:
+    """A cold first batch must not shut interims out for good."""
+
+    async def main() -> list[bool]:
+        backend = _ProbeBackend()
+        sched = Scheduler(
+            backend,
+            SchedulerSettings(max_batch=1, interim_max_wait_s=0.5, interim_probe_s=0.2),
+            final_options=DecodeOptions(beam_size=2),
+            interim_options=DecodeOptions(),
+        )
+        await sched.start()
+        try:
+            backend.delay = 1.0  # the cold start
+            await sched.submit(DecodeJob("a", JobKind.INTERIM, _window()))
+            backend.delay = 0.0
+            answers = [sched.should_submit_interim("b")]  # estimate: 1 s > 0.5 s
+            await asyncio.sleep(0.3)
+            answers.append(sched.should_submit_interim("b"))  # probe after 0.2 s idle
+            await sched.submit(DecodeJob("b", JobKind.INTERIM, _window()))
+            return answers
+        finally:
+            await sched.stop()
+
+    assert asyncio.run(main()) == [False, True]
+
+
+class _ProbeBackend:
+    name = "probe"
+    delay = 0.0
+
+    def provenance(self) -> dict[str, object]:
+        return {}
+
+    def transcribe_batch(self, windows: Any, options: DecodeOptions) -> list[Hypothesis]:
+        time.sleep(self.delay)
+        return [Hypothesis("x", (), (), "en", 0.0, 0.0) for _ in windows]
+
+
+def _window() -> Window:
+    return Window(np.zeros(1600, np.float32))

@@ -598,3 +598,10 @@ def test_a_client_that_never_reads_is_closed_and_memory_stays_bounded() -> None:
     assert sent > 0
     assert active == 0
     assert closes == {4430: 1}
+
+
+def test_warm_up_decodes_with_both_option_sets() -> None:
+    backend = ToneBackend()
+    engine = make_engine(backend)
+    assert engine.warm_up() >= 0.0
+    assert backend.calls == 2
