@@ -285,7 +285,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"stream at ws://{cfg.host}:{cfg.port}/v1/listen",
         file=sys.stderr,
     )
-    web.run_app(create_app(engine), host=cfg.host, port=cfg.port, print=None)
+    # SIGTERM and SIGINT stop accepting, flush every stream's finals, close
+    # them with 1001 and exit 0 (service/server.py, Engine.shut_down).
+    web.run_app(
+        create_app(engine),
+        host=cfg.host,
+        port=cfg.port,
+        print=None,
+        shutdown_timeout=cfg.shutdown_timeout_s + 5.0,
+    )
+    print("earshot: stopped", file=sys.stderr)
     return EXIT_OK
 
 

@@ -69,6 +69,9 @@ class Config:
     flush_timeout_s: float = _f(
         30.0, "at the end of a stream, how long to wait for its last finals"
     )
+    shutdown_timeout_s: float = _f(
+        20.0, "on SIGTERM/SIGINT, how long open streams get to receive their finals"
+    )
     log_level: str = _f("info", "debug, info, warning or error")
 
     def to_dict(self) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from models.vad import FrameModel, StreamingVad, VadSettings
 from service import __version__
 from service.config import Config
 from service.errors import EarshotError
+from service.metrics import METRICS
 from service.protocol import (
     CLOSE_CLIENT_NOT_READING,
     CLOSE_IDLE,
@@ -47,7 +48,14 @@ from service.protocol import (
     parse_control,
     parse_params,
 )
-from service.scheduler import DecodeJob, JobKind, Scheduler, SchedulerSettings, default_max_batch
+from service.scheduler import (
+    DecodeJob,
+    JobKind,
+    Scheduler,
+    SchedulerSettings,
+    SchedulerStoppedError,
+    default_max_batch,
+)
 from service.session import FINAL, DecodeRequest, Output, SessionSettings, StreamSession
 
 log = logging.getLogger("earshot.server")
@@ -109,6 +117,22 @@ class Engine:
     streams_total: int = 0
     # How streams ended, by websocket close code (also for metrics).
     closes: Counter[int] = field(default_factory=Counter)
+    streams: set[LiveStream] = field(default_factory=set)
+    shutting_down: bool = False
+
+    async def shut_down(self) -> None:
+        """Graceful shutdown: refuse new streams, end every open one (each gets
+        the finals of the speech it sent, then close code 1001), within
+        ``shutdown_timeout_s``."""
+        self.shutting_down = True
+        streams = list(self.streams)
+        for stream in streams:
+            stream.stop()
+        if streams:
+            await asyncio.wait(
+                [asyncio.ensure_future(s.finished.wait()) for s in streams],
+                timeout=self.config.shutdown_timeout_s,
+            )
 
     @classmethod
     def create(
@@ -238,6 +262,29 @@ class LiveStream:
         self._finals_done.set()
         self._fatal: EarshotError | None = None
         self._close_reason: str | None = None
+        self._stopping = asyncio.Event()
+        self._stop_waiter: asyncio.Future[Any] | None = None
+        self.finished = asyncio.Event()
+
+    def stop(self) -> None:
+        """Ask the stream to end as at a server shutdown (see Engine.shut_down)."""
+        self._stopping.set()
+
+    async def _receive(self, timeout: float) -> Any:
+        """The next websocket message; raises SchedulerStoppedError once the
+        server is shutting down and asyncio.TimeoutError after ``timeout``."""
+        if self._stop_waiter is None:
+            self._stop_waiter = asyncio.ensure_future(self._stopping.wait())
+        receive = asyncio.ensure_future(self.ws.receive(timeout=timeout))
+        await asyncio.wait({receive, self._stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if receive.done():
+            return receive.result()
+        receive.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await receive
+        raise SchedulerStoppedError(
+            "the server is shutting down; this stream's finals are sent before it closes"
+        )
 
     # -- sending --------------------------------------------------------------
 
@@ -322,7 +369,7 @@ class LiveStream:
         try:
             while self._fatal is None:
                 try:
-                    msg = await self.ws.receive(timeout=cfg.idle_timeout_s)
+                    msg = await self._receive(cfg.idle_timeout_s)
                 except asyncio.TimeoutError:
                     raise IdleTimeoutError(
                         f"no audio and no KeepAlive for {cfg.idle_timeout_s:g} s (idle_timeout_s)",
@@ -396,6 +443,9 @@ class LiveStream:
             except (asyncio.TimeoutError, ConnectionError):
                 if self.transport is not None:
                     self.transport.abort()
+            if self._stop_waiter is not None:
+                self._stop_waiter.cancel()
+            self.finished.set()
 
     async def _read_until_closed(self) -> None:
         """Read and ignore whatever the client sends until it closes."""
@@ -442,8 +492,20 @@ class LiveStream:
 async def handle_listen(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     cfg = engine.config
+    metrics = request.app.get(METRICS)
+
+    def refuse(err: EarshotError, headers: dict[str, str] | None = None) -> web.Response:
+        if metrics is not None:
+            metrics.refused(err.code, err.http_status)
+        return json_error(err, headers=headers)
+
+    if engine.shutting_down:
+        return refuse(
+            SchedulerStoppedError("the server is shutting down; try another instance"),
+            headers={"Retry-After": "5"},
+        )
     if engine.active_streams >= cfg.max_streams:
-        return json_error(
+        return refuse(
             ServerFullError(
                 f"the server is at its limit of {cfg.max_streams} streams (max_streams)",
                 limit=cfg.max_streams,
@@ -451,7 +513,7 @@ async def handle_listen(request: web.Request) -> web.StreamResponse:
             headers={"Retry-After": "5"},
         )
     if engine.scheduler.is_overloaded():
-        return json_error(
+        return refuse(
             ServerFullError("the decode queue is past its high watermark (max_queue)"),
             headers={"Retry-After": "2"},
         )
@@ -459,7 +521,7 @@ async def handle_listen(request: web.Request) -> web.StreamResponse:
         params = parse_params(list(request.query.items()), default_language=_lang(cfg.language))
         _check_model(engine, params)
     except EarshotError as exc:
-        return json_error(exc)
+        return refuse(exc)
     ws = web.WebSocketResponse(max_msg_size=cfg.max_frame_bytes * 4, timeout=5.0)
     await ws.prepare(request)
     sock = request.transport.get_extra_info("socket") if request.transport else None
@@ -469,9 +531,16 @@ async def handle_listen(request: web.Request) -> web.StreamResponse:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.socket_send_buffer)
     engine.active_streams += 1
     engine.streams_total += 1
+    stream = LiveStream(engine, ws, params, request.transport)
+    engine.streams.add(stream)
+    if metrics is not None:
+        metrics.stream_started(stream.session)
     try:
-        await LiveStream(engine, ws, params, request.transport).run()
+        await stream.run()
     finally:
+        if metrics is not None:
+            metrics.stream_ended(stream.session)
+        engine.streams.discard(stream)
         engine.active_streams -= 1
     return ws
 
@@ -504,7 +573,18 @@ def create_app(engine: Engine) -> web.Application:
         await engine.scheduler.stop()
 
     app.cleanup_ctx.append(lifecycle)
+
+    async def on_shutdown(app: web.Application) -> None:
+        await engine.shut_down()
+
+    app.on_shutdown.append(on_shutdown)
     app.router.add_get("/v1/listen", handle_listen)
     app.router.add_get("/healthz", handle_health)
     app.router.add_get("/readyz", handle_ready)
+    # Imported here: these modules import this one.
+    from service.metrics import register_metrics_routes
+    from service.openai_api import register_openai_routes
+
+    register_metrics_routes(app)
+    register_openai_routes(app)
     return app

@@ -1,0 +1,653 @@
+"""OpenAI-compatible HTTP endpoints: an adapter in front of the one decode queue.
+
+``POST /v1/audio/transcriptions`` takes OpenAI's multipart upload, cuts the
+file at voice-activity boundaries into pieces of at most
+:data:`MAX_PIECE_S` seconds and submits every piece as a FINAL job to the
+engine's one shared :class:`service.scheduler.Scheduler`, exactly like a
+stream's finals; nothing here calls the backend directly. The answer comes in
+OpenAI's shapes (json, text, srt, vtt, verbose_json, or server-sent
+``transcript.text.delta`` / ``transcript.text.done`` events with
+``stream=true``), and errors in OpenAI's ``{"error": {...}}`` shape with
+Earshot's machine-readable code in ``code``.
+
+OpenAI's model names (``whisper-1``, ``gpt-4o-transcribe``, ...) mean the
+served model; naming another Whisper model is refused rather than answered
+by a different one. Every response says which model ran (``x-earshot-model``
+header, and an ``earshot`` field in JSON bodies).
+
+``POST /v1/audio/translations`` is refused with ``translation_unavailable``:
+the queue decodes every FINAL with one set of options (task ``transcribe``),
+and a second path to the backend would break the one-queue design.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from aiohttp import BodyPartReader, web
+
+from models.backend import SAMPLE_RATE, Hypothesis, Window
+from models.catalog import lookup
+from models.vad import VadSettings, segment_speech
+from service.audiofile import load_audio
+from service.batch import pieces_from_spans
+from service.errors import EarshotError, InvalidRequestError
+from service.formats import TimedSegment, TimedWord, Transcript, to_srt, to_vtt
+from service.guards import compression_ratio, drop_reason
+from service.scheduler import DecodeJob, JobKind
+from service.server import ENGINE, Engine
+
+MAX_UPLOAD_BYTES = 25 * 1024 * 1024
+"""Largest request body accepted by the audio endpoints (OpenAI's own limit: 25 MB)."""
+
+MAX_FIELD_BYTES = 64 * 1024
+"""Largest non-file form field (prompt, language, ...)."""
+
+MAX_PIECE_S = 25.0
+"""Longest piece of a file given to the decoder (Whisper's window is 30 s)."""
+
+OPENAI_MODEL_ALIASES = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe")
+"""OpenAI's transcription model names; each means the served model."""
+
+RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+GRANULARITIES = ("word", "segment")
+
+MAX_UPLOAD_KEY = web.AppKey("openai_max_upload_bytes", int)
+"""Override of :data:`MAX_UPLOAD_BYTES` for one app (set before it starts)."""
+
+_REGISTERED_KEY = web.AppKey("openai_routes_registered", bool)
+_CREATED_KEY = web.AppKey("openai_models_created", int)
+
+MODEL_HEADER = "x-earshot-model"
+
+
+class UploadTooLargeError(EarshotError):
+    code = "upload_too_large"
+    http_status = 413
+
+
+class ModelNotAvailableError(EarshotError):
+    code = "model_not_available"
+    http_status = 400
+
+
+class TranslationUnavailableError(EarshotError):
+    code = "translation_unavailable"
+    http_status = 400
+
+
+class OverloadedError(EarshotError):
+    code = "server_full"
+    http_status = 503
+
+
+class DecodeFailedError(EarshotError):
+    code = "decode_failed"
+    http_status = 500
+
+
+# --- errors -------------------------------------------------------------------
+
+
+def openai_error_body(err: EarshotError, *, status: int | None = None) -> dict[str, Any]:
+    """OpenAI's error object for ``err``; ``param`` is the form field at fault."""
+    status = status or err.http_status
+    param = err.details.get("field")
+    return {
+        "error": {
+            "message": err.message,
+            "type": "invalid_request_error" if status < 500 else "server_error",
+            "code": err.code,
+            "param": param if isinstance(param, str) else None,
+        }
+    }
+
+
+def openai_error(
+    err: EarshotError,
+    engine: Engine,
+    *,
+    status: int | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    return web.json_response(
+        openai_error_body(err, status=status),
+        status=status or err.http_status,
+        headers={MODEL_HEADER: engine.model_name, **(headers or {})},
+    )
+
+
+# --- models -------------------------------------------------------------------
+
+
+def resolve_model(engine: Engine, name: str | None) -> str:
+    """The served model's name for the requested ``name``.
+
+    OpenAI's names, the served model's own name and names Earshot does not
+    know (other vendors' tiers) mean the served model; another Whisper model
+    of the catalogue is refused with ``model_not_available``.
+    """
+    served = engine.model_name
+    if not name or name == served or name in OPENAI_MODEL_ALIASES or lookup(name) is None:
+        return served
+    raise ModelNotAvailableError(
+        f"model {name!r} is not served here; this server runs {served!r} "
+        f"(OpenAI's names {', '.join(OPENAI_MODEL_ALIASES)} also mean it)",
+        field="model",
+        served=served,
+    )
+
+
+def _model_ids(engine: Engine) -> list[str]:
+    ids = [engine.model_name]
+    ids += [a for a in OPENAI_MODEL_ALIASES if a != engine.model_name]
+    return ids
+
+
+def _model_object(engine: Engine, model_id: str, created: int) -> dict[str, Any]:
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "earshot",
+        "earshot": {
+            "served_model": engine.model_name,
+            "alias": model_id != engine.model_name,
+            "provenance": engine.client_provenance(),
+            "policy": engine.policy,
+        },
+    }
+
+
+async def handle_models(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    created = request.app[_CREATED_KEY]
+    data = [_model_object(engine, m, created) for m in _model_ids(engine)]
+    return web.json_response(
+        {"object": "list", "data": data}, headers={MODEL_HEADER: engine.model_name}
+    )
+
+
+async def handle_model(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    model_id = request.match_info["model_id"]
+    if model_id not in _model_ids(engine):
+        err = ModelNotAvailableError(
+            f"model {model_id!r} is not served here; this server runs {engine.model_name!r}",
+            field="model",
+            served=engine.model_name,
+        )
+        return openai_error(err, engine, status=404)
+    return web.json_response(
+        _model_object(engine, model_id, request.app[_CREATED_KEY]),
+        headers={MODEL_HEADER: engine.model_name},
+    )
+
+
+# --- the upload ---------------------------------------------------------------
+
+
+@dataclass
+class AudioRequest:
+    """The fields of one transcription request, checked."""
+
+    audio: bytes
+    filename: str
+    model: str | None = None
+    language: str | None = None
+    prompt: str | None = None
+    response_format: str = "json"
+    temperature: float = 0.0
+    granularities: list[str] = field(default_factory=list)
+    stream: bool = False
+
+
+def _too_large(size: int, limit: int) -> UploadTooLargeError:
+    return UploadTooLargeError(
+        f"the request body is {'over ' if size > limit else ''}{size} bytes; "
+        f"the limit is {limit} bytes ({limit / 1024 / 1024:.1f} MiB)",
+        field="file",
+        limit_bytes=limit,
+        size_bytes=size,
+    )
+
+
+async def _read_part(part: BodyPartReader, budget: int, limit: int, cap: int) -> bytes:
+    """Read one part, refusing it past ``budget`` bytes of body left or ``cap``."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await part.read_chunk(64 * 1024)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > budget:
+            raise _too_large(limit - budget + size, limit)
+        if size > cap:
+            raise InvalidRequestError(
+                f"form field {part.name!r} is over {cap} bytes", field=part.name or "form"
+            )
+        chunks.append(chunk)
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no", ""):
+        return False
+    raise InvalidRequestError(f"{name} must be true or false, not {raw!r}", field=name)
+
+
+async def read_upload(request: web.Request, limit: int) -> AudioRequest:
+    """Parse OpenAI's multipart form, streaming, with ``limit`` bytes at most."""
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(request.content_length, limit)
+    if not request.content_type.startswith("multipart/"):
+        raise InvalidRequestError(
+            f"the body must be multipart/form-data, not {request.content_type!r}", field="file"
+        )
+    reader = await request.multipart()
+    fields: dict[str, str] = {}
+    granularities: list[str] = []
+    audio: bytes | None = None
+    filename = "upload"
+    used = 0
+    while True:
+        part = await reader.next()
+        if part is None:
+            break
+        if not isinstance(part, BodyPartReader):
+            raise InvalidRequestError("nested multipart bodies are not accepted", field="file")
+        name = part.name or ""
+        if name == "file":
+            audio = await _read_part(part, limit - used, limit, limit)
+            used += len(audio)
+            filename = part.filename or filename
+            continue
+        raw = await _read_part(part, limit - used, limit, MAX_FIELD_BYTES)
+        used += len(raw)
+        text = raw.decode("utf-8", errors="replace")
+        if name in ("timestamp_granularities[]", "timestamp_granularities"):
+            granularities.append(text.strip())
+        else:
+            fields[name] = text
+    if audio is None:
+        raise InvalidRequestError("the form has no 'file' field with the audio", field="file")
+    return _check_fields(audio, filename, fields, granularities)
+
+
+def _check_fields(
+    audio: bytes, filename: str, fields: dict[str, str], granularities: list[str]
+) -> AudioRequest:
+    fmt = fields.get("response_format", "").strip() or "json"
+    if fmt not in RESPONSE_FORMATS:
+        raise InvalidRequestError(
+            f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, not {fmt!r}",
+            field="response_format",
+        )
+    for g in granularities:
+        if g not in GRANULARITIES:
+            raise InvalidRequestError(
+                f"timestamp_granularities[] must be word or segment, not {g!r}",
+                field="timestamp_granularities[]",
+            )
+    raw_temp = fields.get("temperature", "").strip() or "0"
+    try:
+        temperature = float(raw_temp)
+    except ValueError:
+        temperature = float("nan")
+    if not 0.0 <= temperature <= 1.0:
+        raise InvalidRequestError(
+            f"temperature must be a number from 0 to 1, not {raw_temp!r}", field="temperature"
+        )
+    raw_lang = fields.get("language", "").strip()
+    language = raw_lang.split("-")[0].lower() if raw_lang else None
+    if language in ("auto", "multi"):
+        language = None
+    if language is not None and not (language.isalpha() and 2 <= len(language) <= 3):
+        raise InvalidRequestError(
+            f"language must be an ISO-639-1 code such as 'en', not {raw_lang!r}",
+            field="language",
+        )
+    prompt = fields.get("prompt", "").strip() or None
+    return AudioRequest(
+        audio=audio,
+        filename=filename,
+        model=fields.get("model", "").strip() or None,
+        language=language,
+        prompt=prompt,
+        response_format=fmt,
+        temperature=temperature,
+        granularities=granularities,
+        stream=_bool("stream", fields.get("stream", "false")),
+    )
+
+
+def _check_language(engine: Engine, language: str | None) -> None:
+    """Refuse a language the backend would refuse, before it can fail a batch."""
+    supported = getattr(engine.backend, "supported_languages", None)
+    if language is None or supported is None:
+        return
+    names = supported() if callable(supported) else supported
+    if language not in names:
+        raise InvalidRequestError(
+            f"language {language!r} is not supported by {engine.model_name!r}",
+            field="language",
+        )
+
+
+# --- decoding -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PieceResult:
+    """One decoded piece of the file, times on the file's clock."""
+
+    start: float
+    end: float
+    hypothesis: Hypothesis | None
+
+    @property
+    def kept(self) -> bool:
+        return self.hypothesis is not None and drop_reason(self.hypothesis) is None
+
+    @property
+    def text(self) -> str:
+        return self.hypothesis.text.strip() if self.kept and self.hypothesis else ""
+
+
+def _pieces(engine: Engine, samples: np.ndarray) -> list[tuple[float, float]]:
+    duration = len(samples) / SAMPLE_RATE
+    spans = segment_speech(samples, VadSettings(), model=engine.vad_model)
+    return pieces_from_spans([(s.start, s.end) for s in spans], duration, MAX_PIECE_S)
+
+
+def submit_pieces(
+    engine: Engine,
+    request_id: str,
+    samples: np.ndarray,
+    spans: Sequence[tuple[float, float]],
+    req: AudioRequest,
+    language: str | None,
+) -> list[asyncio.Future[Hypothesis | None]]:
+    """Queue every piece as a FINAL job of the shared scheduler."""
+    futures: list[asyncio.Future[Hypothesis | None]] = []
+    try:
+        for i, (start, end) in enumerate(spans):
+            a, b = int(start * SAMPLE_RATE), int(end * SAMPLE_RATE)
+            window = Window(
+                audio=np.ascontiguousarray(samples[a:b], dtype=np.float32),
+                prompt=req.prompt,
+                language=language,
+            )
+            job = DecodeJob(("openai", request_id, i), JobKind.FINAL, window, tag=i)
+            futures.append(engine.scheduler.submit(job))
+    except BaseException:
+        _cancel(futures)
+        raise
+    return futures
+
+
+def _cancel(futures: Sequence[asyncio.Future[Hypothesis | None]]) -> None:
+    for fut in futures:
+        if not fut.done():
+            fut.cancel()
+        elif not fut.cancelled():
+            fut.exception()  # retrieved, so asyncio does not log it
+
+
+async def _result(fut: asyncio.Future[Hypothesis | None]) -> Hypothesis | None:
+    try:
+        return await fut
+    except EarshotError:
+        raise
+    except Exception as exc:
+        raise DecodeFailedError(f"the decoder failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _timed_segments(piece: PieceResult) -> list[tuple[TimedSegment, tuple[int, ...]]]:
+    hyp = piece.hypothesis
+    if hyp is None or not piece.kept:
+        return []
+    out: list[tuple[TimedSegment, tuple[int, ...]]] = []
+    for seg in hyp.segments:
+        if not seg.text.strip():
+            continue
+        words = tuple(
+            TimedWord(w.word.strip(), piece.start + w.start, piece.start + w.end, w.probability)
+            for w in seg.words
+        )
+        timed = TimedSegment(
+            start=piece.start + seg.start,
+            end=min(piece.end, piece.start + seg.end),
+            text=seg.text.strip(),
+            words=words,
+            avg_logprob=hyp.avg_logprob,
+            no_speech_prob=hyp.no_speech_prob,
+        )
+        out.append((timed, seg.tokens))
+    return out
+
+
+# --- responses ----------------------------------------------------------------
+
+
+def _transcript(
+    req: AudioRequest, duration: float, results: Sequence[PieceResult]
+) -> tuple[Transcript, list[tuple[TimedSegment, tuple[int, ...]]], str]:
+    segs = [s for r in results for s in _timed_segments(r)]
+    langs = [r.hypothesis.language for r in results if r.kept and r.hypothesis]
+    lang = max(set(langs), key=langs.count) if langs else (req.language or "")
+    transcript = Transcript(req.filename, duration, lang or None, [s for s, _ in segs])
+    return transcript, segs, lang
+
+
+def _verbose(
+    engine: Engine,
+    req: AudioRequest,
+    duration: float,
+    results: Sequence[PieceResult],
+    task: str,
+) -> dict[str, Any]:
+    transcript, segs, lang = _transcript(req, duration, results)
+    temperature = engine.scheduler.final_options.temperature
+    body: dict[str, Any] = {
+        "task": task,
+        "language": _language_name(lang),
+        "duration": round(duration, 3),
+        "text": transcript.text,
+    }
+    if not req.granularities or "segment" in req.granularities:
+        body["segments"] = [
+            {
+                "id": i,
+                "seek": round(seg.start * 100),
+                "start": round(seg.start, 3),
+                "end": round(seg.end, 3),
+                "text": seg.text,
+                "tokens": list(tokens),
+                "temperature": temperature,
+                "avg_logprob": round(seg.avg_logprob, 4),
+                "compression_ratio": round(compression_ratio(seg.text), 4),
+                "no_speech_prob": round(seg.no_speech_prob, 4),
+            }
+            for i, (seg, tokens) in enumerate(segs)
+        ]
+    if "word" in req.granularities:
+        body["words"] = [
+            {"word": w.word, "start": round(w.start, 3), "end": round(w.end, 3)}
+            for seg in transcript.segments
+            for w in seg.words
+        ]
+    body["usage"] = {"type": "duration", "seconds": round(duration, 3)}
+    return body
+
+
+# Whisper's verbose_json names the language in English; codes we cannot name stay codes.
+_LANGUAGE_NAMES = {
+    "en": "english",
+    "de": "german",
+    "fr": "french",
+    "es": "spanish",
+    "it": "italian",
+    "nl": "dutch",
+    "pt": "portuguese",
+    "pl": "polish",
+    "ru": "russian",
+    "ja": "japanese",
+    "zh": "chinese",
+    "ko": "korean",
+}
+
+
+def _language_name(code: str) -> str:
+    return _LANGUAGE_NAMES.get(code, code)
+
+
+def _earshot_info(engine: Engine, req: AudioRequest, request_id: str) -> dict[str, Any]:
+    return {"model": engine.model_name, "requested_model": req.model, "request_id": request_id}
+
+
+def _render(
+    engine: Engine,
+    req: AudioRequest,
+    request_id: str,
+    duration: float,
+    results: Sequence[PieceResult],
+    task: str,
+) -> web.Response:
+    headers = {MODEL_HEADER: engine.model_name, "x-request-id": request_id}
+    fmt = req.response_format
+    if fmt == "verbose_json":
+        body = _verbose(engine, req, duration, results, task)
+        body["earshot"] = _earshot_info(engine, req, request_id)
+        return web.json_response(body, headers=headers)
+    transcript, _, _ = _transcript(req, duration, results)
+    if fmt == "json":
+        body = {
+            "text": transcript.text,
+            "usage": {"type": "duration", "seconds": round(duration, 3)},
+            "earshot": _earshot_info(engine, req, request_id),
+        }
+        return web.json_response(body, headers=headers)
+    if fmt == "text":
+        return web.Response(text=transcript.text + "\n", content_type="text/plain", headers=headers)
+    if fmt == "srt":
+        return web.Response(text=to_srt(transcript), content_type="text/plain", headers=headers)
+    return web.Response(text=to_vtt(transcript), content_type="text/vtt", headers=headers)
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(event, ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+
+async def _stream(
+    request: web.Request,
+    engine: Engine,
+    request_id: str,
+    spans: Sequence[tuple[float, float]],
+    futures: Sequence[asyncio.Future[Hypothesis | None]],
+) -> web.StreamResponse:
+    """Send one ``transcript.text.delta`` per piece, in order, then ``done``."""
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            MODEL_HEADER: engine.model_name,
+            "x-request-id": request_id,
+        }
+    )
+    await response.prepare(request)
+    texts: list[str] = []
+    try:
+        for (start, end), fut in zip(spans, futures, strict=True):
+            try:
+                piece = PieceResult(start, end, await _result(fut))
+            except EarshotError as exc:
+                await response.write(_sse({"type": "error", **openai_error_body(exc)}))
+                return response
+            if piece.text:
+                delta = piece.text if not texts else " " + piece.text
+                texts.append(piece.text)
+                await response.write(_sse({"type": "transcript.text.delta", "delta": delta}))
+        await response.write(_sse({"type": "transcript.text.done", "text": " ".join(texts)}))
+        await response.write_eof()
+    finally:
+        _cancel(futures)
+    return response
+
+
+# --- the endpoints ------------------------------------------------------------
+
+
+async def _transcribe(request: web.Request, task: str) -> web.StreamResponse:
+    engine = request.app[ENGINE]
+    request_id = str(uuid.uuid4())
+    try:
+        if task != "transcribe":
+            raise TranslationUnavailableError(
+                "translation is not available on this server: its decode queue "
+                "transcribes only (use /v1/audio/transcriptions)",
+            )
+        if engine.scheduler.is_overloaded():
+            return openai_error(
+                OverloadedError("the decode queue is past its high watermark (max_queue)"),
+                engine,
+                headers={"Retry-After": "2"},
+            )
+        req = await read_upload(request, request.app.get(MAX_UPLOAD_KEY, MAX_UPLOAD_BYTES))
+        resolve_model(engine, req.model)
+        language = req.language
+        if language is None:
+            default = engine.config.language.strip().lower()
+            language = None if default in ("auto", "") else default
+        _check_language(engine, language)
+        loaded = await asyncio.to_thread(load_audio, req.audio, label=req.filename)
+        samples = loaded.samples
+        spans = _pieces(engine, samples)
+        futures = submit_pieces(engine, request_id, samples, spans, req, language)
+    except EarshotError as exc:
+        return openai_error(exc, engine)
+    if req.stream:
+        return await _stream(request, engine, request_id, spans, futures)
+    try:
+        hyps = [await _result(f) for f in futures]
+    except EarshotError as exc:
+        return openai_error(exc, engine)
+    finally:
+        _cancel(futures)
+    results = [PieceResult(s, e, h) for (s, e), h in zip(spans, hyps, strict=True)]
+    return _render(engine, req, request_id, loaded.duration, results, task)
+
+
+async def handle_transcriptions(request: web.Request) -> web.StreamResponse:
+    return await _transcribe(request, "transcribe")
+
+
+async def handle_translations(request: web.Request) -> web.StreamResponse:
+    return await _transcribe(request, "translate")
+
+
+def register_openai_routes(app: web.Application, *, max_upload_bytes: int | None = None) -> None:
+    """Add the OpenAI-compatible routes to an app made by ``create_app``.
+
+    Calling it again on the same app does nothing (but may change the limit).
+    """
+    if max_upload_bytes is not None:
+        app[MAX_UPLOAD_KEY] = max_upload_bytes
+    if app.get(_REGISTERED_KEY):
+        return
+    app[_REGISTERED_KEY] = True
+    app[_CREATED_KEY] = int(time.time())
+    app.router.add_post("/v1/audio/transcriptions", handle_transcriptions)
+    app.router.add_post("/v1/audio/translations", handle_translations)
+    app.router.add_get("/v1/models", handle_models)
+    app.router.add_get("/v1/models/{model_id}", handle_model)

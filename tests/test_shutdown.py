@@ -1,0 +1,128 @@
+"""Graceful shutdown of a real ``earshot serve`` process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clients.stream import StreamClient, StreamRefusedError, encode_audio
+from service.audiofile import load_audio
+from tests.kit.paths import audio_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(180)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(port: int, proc: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the server exited at startup"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                conn.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+                if conn.recv(64).split(b" ")[1:2] == [b"200"]:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the server did not start")
+
+
+def test_sigterm_during_eight_streams(micro_model: Path, testdata: Path, tmp_path: Path) -> None:
+    import subprocess
+
+    port = free_port()
+    log = (tmp_path / "server.log").open("wb")
+    env = {**os.environ, "EARSHOT_SHUTDOWN_TIMEOUT_S": "15"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--model",
+            str(micro_model),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_healthy(port, proc)
+        speech = load_audio(audio_dir() / "librispeech" / "1089-134686-0000.flac").samples
+        pcm = encode_audio(speech[: 16000 * 3], "linear16")  # 3 s: mid-utterance
+        url = f"ws://127.0.0.1:{port}/v1/listen"
+
+        async def one(i: int, started: asyncio.Event, go: asyncio.Event) -> dict[str, Any]:
+            finals: list[dict[str, Any]] = []
+            errors: list[str] = []
+            async with StreamClient(url, interim_results=False) as client:
+                for j in range(0, len(pcm), 3200):
+                    await client.send_audio(pcm[j : j + 3200])
+                started.set()
+                async for m in client.messages():
+                    if m.get("type") == "Results" and m["is_final"]:
+                        finals.append(m)
+                    elif m.get("type") == "Error":
+                        errors.append(m["code"])
+            return {"finals": finals, "errors": errors, "code": client.close_code}
+
+        async def main() -> tuple[list[dict[str, Any]], float, int | None]:
+            flags = [asyncio.Event() for _ in range(8)]
+            go = asyncio.Event()
+            tasks = [asyncio.create_task(one(i, flags[i], go)) for i in range(8)]
+            await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flags)), 30)
+            await asyncio.sleep(0.5)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+            # New streams are refused while it shuts down, or cannot connect at all.
+            refused: int | None = None
+            try:
+                async with StreamClient(url, open_timeout=2):
+                    refused = 0
+            except StreamRefusedError as exc:
+                refused = exc.status
+            except Exception:
+                refused = -1  # already gone
+            return results, t0, refused
+
+        results, t0, refused = asyncio.run(main())
+        code = proc.wait(timeout=30)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    server_log = (tmp_path / "server.log").read_text()
+    assert "earshot: stopped" in server_log, server_log
+    assert code == 0
+    assert elapsed < 15 + 10
+    for r in results:
+        assert r["code"] == 1001, r
+        assert r["errors"] == ["server_shutting_down"]
+        assert r["finals"], "every stream gets a final for the speech it sent"
+        last = r["finals"][-1]
+        assert last["start"] + last["duration"] >= 2.5
+        assert last["channel"]["alternatives"][0]["transcript"]
+    assert refused in (503, -1)
