@@ -160,7 +160,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             **options.to_dict(),
             "language": args.language,
             "batch_size": batch_size,
-            "vad": vad.to_dict() if hasattr(vad, "to_dict") else {},
+            "vad": vad.to_dict(),
         },
         "earshot_version": __version__,
     }
