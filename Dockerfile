@@ -1,7 +1,11 @@
 # Earshot, CPU image: int8 Whisper on the CPU, the streaming server on port 8000.
 #
 #   docker build -t earshot .
-#   docker run --rm -p 8000:8000 -v earshot-models:/models earshot
+#   docker run --rm -p 8000:8000 -v earshot-models:/models -e EARSHOT_API_KEYS=... earshot
+#
+# The image listens on all interfaces, so it needs API keys (EARSHOT_API_KEYS or
+# EARSHOT_API_KEYS_FILE); without them it refuses to start, unless told
+# EARSHOT_ALLOW_UNAUTHENTICATED_REMOTE=true. See docs/auth.md.
 #
 # Models are not baked in: bring one into the volume first, e.g.
 #   docker run --rm -v earshot-models:/models earshot models pull base        (hub reachable)

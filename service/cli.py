@@ -264,6 +264,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.server import Engine, create_app
 
     cfg = config_from_args(args)
+    from service.auth import check_bind_policy
+
+    check_bind_policy(cfg)
     logging.basicConfig(
         level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )

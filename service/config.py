@@ -73,6 +73,17 @@ class Config:
         20.0, "on SIGTERM/SIGINT, how long open streams get to receive their finals"
     )
     log_level: str = _f("info", "debug, info, warning or error")
+    # Authentication (service/auth.py, docs/auth.md). repr=False: never print keys.
+    api_keys: str = field(
+        default="",
+        repr=False,
+        metadata={"help": "comma-separated API keys (prefer EARSHOT_API_KEYS or api_keys_file)"},
+    )
+    api_keys_file: str = _f("", "file of API keys, one per line (# comments, blank lines ignored)")
+    allowed_origins: str = _f("", "comma-separated browser Origins allowed (empty: none; *: any)")
+    allow_unauthenticated_remote: bool = _f(
+        False, "allow a non-loopback host with no API keys configured (unsafe)"
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -522,7 +522,9 @@ async def handle_listen(request: web.Request) -> web.StreamResponse:
         _check_model(engine, params)
     except EarshotError as exc:
         return refuse(exc)
-    ws = web.WebSocketResponse(max_msg_size=cfg.max_frame_bytes * 4, timeout=5.0)
+    ws = web.WebSocketResponse(
+        max_msg_size=cfg.max_frame_bytes * 4, timeout=5.0, protocols=("token",)
+    )
     await ws.prepare(request)
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is not None:
@@ -582,9 +584,11 @@ def create_app(engine: Engine) -> web.Application:
     app.router.add_get("/healthz", handle_health)
     app.router.add_get("/readyz", handle_ready)
     # Imported here: these modules import this one.
+    from service.auth import register_auth
     from service.metrics import register_metrics_routes
     from service.openai_api import register_openai_routes
 
     register_metrics_routes(app)
     register_openai_routes(app)
+    register_auth(app)
     return app
