@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.backend import SAMPLE_RATE, AudioArray, Backend, DecodeOptions, Hypothesis, Window
+from models.backend import (
+    SAMPLE_RATE,
+    AudioArray,
+    Backend,
+    DecodeOptions,
+    Hypothesis,
+    Segment,
+    Window,
+)
 from service.audiofile import LoadedAudio, load_audio
 from service.errors import EarshotError
 from service.formats import TimedSegment, TimedWord, Transcript
@@ -92,25 +100,27 @@ class FileOutcome:
 Loader = Callable[[str], LoadedAudio]
 
 
-def _segments_of(piece: Piece, hyp: Hypothesis) -> list[TimedSegment]:
+def segments_on_clock(
+    hyp: Hypothesis, start: float, end: float
+) -> list[tuple[TimedSegment, Segment]]:
+    """The non-empty segments of a hypothesis for the window ``[start, end]``,
+    moved onto the clock of the whole file, each with the segment it came from."""
     out = []
     for seg in hyp.segments:
         if not seg.text.strip():
             continue
         words = tuple(
-            TimedWord(w.word, piece.start + w.start, piece.start + w.end, w.probability)
-            for w in seg.words
+            TimedWord(w.word, start + w.start, start + w.end, w.probability) for w in seg.words
         )
-        out.append(
-            TimedSegment(
-                start=piece.start + seg.start,
-                end=min(piece.end, piece.start + seg.end),
-                text=seg.text.strip(),
-                words=words,
-                avg_logprob=hyp.avg_logprob,
-                no_speech_prob=hyp.no_speech_prob,
-            )
+        timed = TimedSegment(
+            start=start + seg.start,
+            end=min(end, start + seg.end),
+            text=seg.text.strip(),
+            words=words,
+            avg_logprob=hyp.avg_logprob,
+            no_speech_prob=hyp.no_speech_prob,
         )
+        out.append((timed, seg))
     return out
 
 
@@ -161,7 +171,7 @@ def transcribe_files(
         for piece, hyp in zip(batch, hyps, strict=True):
             state = files[piece.file_index]
             if drop_reason(hyp) is None:
-                state.segments.extend(_segments_of(piece, hyp))
+                state.segments.extend(t for t, _ in segments_on_clock(hyp, piece.start, piece.end))
                 state.languages.append(hyp.language)
             else:
                 stats.dropped += 1

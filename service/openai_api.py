@@ -37,9 +37,9 @@ from models.backend import SAMPLE_RATE, Hypothesis, Window
 from models.catalog import lookup
 from models.vad import VadSettings, segment_speech
 from service.audiofile import load_audio
-from service.batch import pieces_from_spans
+from service.batch import pieces_from_spans, segments_on_clock
 from service.errors import EarshotError, InvalidRequestError
-from service.formats import TimedSegment, TimedWord, Transcript, to_srt, to_vtt
+from service.formats import TimedSegment, Transcript, to_srt, to_vtt
 from service.guards import compression_ratio, drop_reason
 from service.scheduler import DecodeJob, JobKind
 from service.server import ENGINE, Engine
@@ -417,24 +417,7 @@ def _timed_segments(piece: PieceResult) -> list[tuple[TimedSegment, tuple[int, .
     hyp = piece.hypothesis
     if hyp is None or not piece.kept:
         return []
-    out: list[tuple[TimedSegment, tuple[int, ...]]] = []
-    for seg in hyp.segments:
-        if not seg.text.strip():
-            continue
-        words = tuple(
-            TimedWord(w.word.strip(), piece.start + w.start, piece.start + w.end, w.probability)
-            for w in seg.words
-        )
-        timed = TimedSegment(
-            start=piece.start + seg.start,
-            end=min(piece.end, piece.start + seg.end),
-            text=seg.text.strip(),
-            words=words,
-            avg_logprob=hyp.avg_logprob,
-            no_speech_prob=hyp.no_speech_prob,
-        )
-        out.append((timed, seg.tokens))
-    return out
+    return [(timed, seg.tokens) for timed, seg in segments_on_clock(hyp, piece.start, piece.end)]
 
 
 # --- responses ----------------------------------------------------------------
@@ -483,7 +466,7 @@ def _verbose(
         ]
     if "word" in req.granularities:
         body["words"] = [
-            {"word": w.word, "start": round(w.start, 3), "end": round(w.end, 3)}
+            {"word": w.word.strip(), "start": round(w.start, 3), "end": round(w.end, 3)}
             for seg in transcript.segments
             for w in seg.words
         ]
