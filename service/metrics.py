@@ -296,10 +296,13 @@ def register_metrics_routes(app: web.Application) -> Metrics:
 
     Creates the engine's :class:`Metrics`, binds it to the scheduler, stores
     it under :data:`METRICS` and returns it (the server's calls go to it).
-    Call before the app is started (its router freezes then).
+    Call before the app is started (its router freezes then); a second call
+    returns the same :class:`Metrics` and adds nothing.
     """
     from service.server import ENGINE  # here: server.py may come to import this module
 
+    if METRICS in app:
+        return app[METRICS]
     metrics = Metrics(app[ENGINE]).bind()
     app[METRICS] = metrics
     app.router.add_get("/metrics", handle_metrics)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,6 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from aiohttp import web
 from openai import AsyncOpenAI
 
 from clients.stream import StreamClient, StreamRefusedError
@@ -30,6 +28,7 @@ from service.auth import (
 from service.config import load_config
 from service.errors import ConfigError
 from service.server import create_app
+from tests.kit.live import running_server
 from tests.test_stream_e2e import make_engine
 
 KEY = "sk-earshot-right"
@@ -39,20 +38,10 @@ TIMEOUT = aiohttp.ClientTimeout(total=20)
 
 @contextlib.asynccontextmanager
 async def auth_server(**overrides: Any) -> AsyncIterator[str]:
-    """create_app(engine) with the auth middleware, on a free loopback port;
-    yields ``http://127.0.0.1:PORT``."""
-    app = create_app(make_engine(**overrides))
-    register_auth(app)  # a no-op once create_app registers it itself
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    site = web.SockSite(runner, sock)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        await runner.cleanup()
+    """create_app(engine), which adds the auth middleware, on a free loopback
+    port; yields ``http://127.0.0.1:PORT``."""
+    async with running_server(make_engine(**overrides)) as url:
+        yield url
 
 
 def run(body: Callable[[str], Awaitable[Any]], **overrides: Any) -> Any:

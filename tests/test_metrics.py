@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
-from aiohttp import ClientSession, web
+from aiohttp import ClientSession
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients.stream import StreamClient, transcribe_stream
@@ -22,6 +21,7 @@ from service.config import load_config
 from service.metrics import METRICS, Metrics, register_metrics_routes
 from service.scheduler import BatchReport, JobKind, QueueDepth
 from service.server import Engine, create_app
+from tests.kit.live import running_server
 from tests.kit.tones import ToneBackend, make_speech, random_script
 
 pytestmark = pytest.mark.timeout(120)
@@ -61,19 +61,10 @@ def scrape_local(metrics: Metrics) -> Samples:
 
 @contextlib.asynccontextmanager
 async def metrics_server(engine: Engine) -> AsyncIterator[tuple[str, Metrics]]:
-    """Serve ``create_app(engine)`` with /metrics added on a free loopback port."""
-    app = create_app(engine)
-    metrics = register_metrics_routes(app)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    site = web.SockSite(runner, sock)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", metrics
-    finally:
-        await runner.cleanup()
+    """Serve ``create_app(engine)`` (which adds /metrics) on a free loopback port."""
+    found: list[Metrics] = []
+    async with running_server(engine, lambda app: found.append(app[METRICS])) as url:
+        yield url, found[0]
 
 
 async def scrape(http: ClientSession, base: str) -> tuple[Samples, dict[str, str]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,8 @@ from models.backend import SAMPLE_RATE
 from models.vad import shared_model
 from service.config import load_config
 from service.openai_api import MAX_UPLOAD_KEY, register_openai_routes
-from service.server import Engine, create_app
+from service.server import Engine
+from tests.kit.live import running_server
 from tests.kit.tones import ToneBackend, make_speech, random_script
 
 pytestmark = pytest.mark.timeout(120)
@@ -40,24 +40,17 @@ async def openai_client(
     engine: Engine, *, max_upload_bytes: int | None = None
 ) -> AsyncIterator[AsyncOpenAI]:
     """Serve ``engine`` with the OpenAI routes on a free loopback port."""
-    app = create_app(engine)
-    register_openai_routes(app)  # a no-op once create_app registers them itself
-    if max_upload_bytes is not None:
-        app[MAX_UPLOAD_KEY] = max_upload_bytes
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    site = web.SockSite(runner, sock)
-    await site.start()
-    try:
-        async with AsyncOpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30.0
-        ) as client:
-            yield client
-    finally:
-        await runner.cleanup()
+
+    def configure(app: web.Application) -> None:
+        register_openai_routes(app)  # a no-op once create_app registers them itself
+        if max_upload_bytes is not None:
+            app[MAX_UPLOAD_KEY] = max_upload_bytes
+
+    async with (
+        running_server(engine, configure) as url,
+        AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=30.0) as client,
+    ):
+        yield client
 
 
 def run(engine: Engine, body: Callable[[AsyncOpenAI], Awaitable[Any]], **kw: Any) -> Any:
