@@ -261,18 +261,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from models.store import ModelStore
     from models.vad import shared_model
     from service.config import config_from_args
+    from service.logs import configure_logging
     from service.server import Engine, create_app
 
     cfg = config_from_args(args)
     from service.auth import check_bind_policy
 
     check_bind_policy(cfg)
-    logging.basicConfig(
-        level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    configure_logging(cfg.log_level, cfg.log_format)
+    log = logging.getLogger("earshot")
     store = ModelStore(Path(cfg.models_dir) if cfg.models_dir else None)
     resolved = store.resolve(cfg.model, allow_download=cfg.allow_download)
-    print(f"earshot: loading model {resolved.name} from {resolved.path}", file=sys.stderr)
+    log.info(
+        "loading model %s from %s",
+        resolved.name,
+        resolved.path,
+        extra={"model": resolved.name, "path": str(resolved.path)},
+    )
     runner = WhisperRunner(
         resolved.path,
         RunnerSettings(
@@ -281,12 +286,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         name=resolved.name,
     )
     engine = Engine.create(cfg, runner, vad_model=shared_model())
-    print(f"earshot: model warmed up in {engine.warm_up():.1f} s", file=sys.stderr)
-    print(
-        f"earshot: serving {runner.name} on {runner.device} ({runner.compute_type}), "
-        f"batches of up to {engine.scheduler.settings.max_batch}; "
-        f"stream at ws://{cfg.host}:{cfg.port}/v1/listen",
-        file=sys.stderr,
+    log.info("model warmed up in %.1f s", engine.warm_up())
+    log.info(
+        "serving %s on %s (%s), batches of up to %d; stream at ws://%s:%d/v1/listen",
+        runner.name,
+        runner.device,
+        runner.compute_type,
+        engine.scheduler.settings.max_batch,
+        cfg.host,
+        cfg.port,
+        extra={
+            "model": runner.name,
+            "model_sha256": engine.client_provenance().get("model_sha256"),
+            "device": runner.device,
+            "compute_type": runner.compute_type,
+            "max_batch": engine.scheduler.settings.max_batch,
+            "host": cfg.host,
+            "port": cfg.port,
+            "policy": engine.policy,
+        },
     )
     # SIGTERM and SIGINT stop accepting, flush every stream's finals, close
     # them with 1001 and exit 0 (service/server.py, Engine.shut_down).
@@ -297,7 +315,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print=None,
         shutdown_timeout=cfg.shutdown_timeout_s + 5.0,
     )
-    print("earshot: stopped", file=sys.stderr)
+    log.info("stopped")
     return EXIT_OK
 
 

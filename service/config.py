@@ -60,6 +60,11 @@ class Config:
     lag_limit_s: float = _f(30.0, "close a stream this far behind real time")
     max_frame_bytes: int = _f(1_048_576, "largest websocket message accepted")
     idle_timeout_s: float = _f(30.0, "close a stream with no audio and no KeepAlive this long")
+    max_session_s: float = _f(
+        14_400.0, "longest stream, wall-clock seconds from its start; then it is closed"
+    )
+    max_upload_bytes: int = _f(26_214_400, "largest file accepted by the HTTP API, bytes")
+    max_audio_s: float = _f(7_200.0, "longest audio accepted by one HTTP API request, seconds")
     max_pending_messages: int = _f(
         1000, "server messages queued for a slow client before it is closed"
     )
@@ -73,6 +78,10 @@ class Config:
         20.0, "on SIGTERM/SIGINT, how long open streams get to receive their finals"
     )
     log_level: str = _f("info", "debug, info, warning or error")
+    log_format: str = _f("json", "json (one object per line) or text")
+    log_transcripts: bool = _f(
+        False, "put transcript text in the logs (off: logs never hold what was said)"
+    )
     # Authentication (service/auth.py, docs/auth.md). repr=False: never print keys.
     api_keys: str = field(
         default="",
@@ -112,6 +121,9 @@ def _convert(name: str, kind: Any, raw: Any) -> Any:
         ) from None
 
 
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def _validate(cfg: Config) -> Config:
     checks = [
         ("port", 0 <= cfg.port <= 65535, "from 0 to 65535"),
@@ -129,6 +141,11 @@ def _validate(cfg: Config) -> Config:
         ),
         ("max_frame_bytes", cfg.max_frame_bytes >= 1024, "at least 1024"),
         ("idle_timeout_s", cfg.idle_timeout_s > 0, "above 0"),
+        ("max_session_s", cfg.max_session_s > 0, "above 0"),
+        ("max_upload_bytes", cfg.max_upload_bytes >= 1024, "at least 1024"),
+        ("max_audio_s", cfg.max_audio_s > 0, "above 0"),
+        ("log_level", cfg.log_level.lower() in _LOG_LEVELS, "debug, info, warning or error"),
+        ("log_format", cfg.log_format in ("json", "text"), "json or text"),
         ("socket_send_buffer", cfg.socket_send_buffer >= 4096, "at least 4096"),
         ("device", cfg.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
     ]

@@ -36,6 +36,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client import generate_latest as _generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -160,7 +161,8 @@ class Metrics:
         ns = NAMESPACE
         self.refusals = Counter(
             "refusals",
-            "Stream requests refused before the websocket upgrade, by error code and HTTP status.",
+            "Requests refused (streams before the websocket upgrade, HTTP API requests), "
+            "by error code and HTTP status.",
             ["reason", "status"],
             namespace=ns,
             registry=r,
@@ -201,6 +203,14 @@ class Metrics:
             "Seconds of audio in successfully decoded windows, by kind (every channel "
             "counts; interims re-decode the audio of an open utterance).",
             ["kind"],
+            namespace=ns,
+            registry=r,
+        )
+        self.http_requests = Counter(
+            "http_requests",
+            "HTTP requests answered, by route (its pattern, e.g. /v1/models/{model_id}), "
+            "method and status; websocket streams count once, at their upgrade.",
+            ["route", "method", "status"],
             namespace=ns,
             registry=r,
         )
@@ -306,4 +316,23 @@ def register_metrics_routes(app: web.Application) -> Metrics:
     metrics = Metrics(app[ENGINE]).bind()
     app[METRICS] = metrics
     app.router.add_get("/metrics", handle_metrics)
+    app.middlewares.append(_count_requests)
     return metrics
+
+
+@web.middleware
+async def _count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count every request by its route's pattern (bounded label values: an
+    unknown path counts as ``unmatched``) and final status."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        request.app[METRICS].http_requests.labels(route, request.method, str(status)).inc()

@@ -15,25 +15,31 @@ served model; naming another Whisper model is refused rather than answered
 by a different one. Every response says which model ran (``x-earshot-model``
 header, and an ``earshot`` field in JSON bodies).
 
-``POST /v1/audio/translations`` is refused with ``translation_unavailable``:
-the queue decodes every FINAL with one set of options (task ``transcribe``),
-and a second path to the backend would break the one-queue design.
+``POST /v1/audio/translations`` goes through the same queue: its pieces are
+FINAL jobs that carry their own options (the finals' options with task
+``translate``), and the scheduler batches them apart from transcriptions.
+A model that only knows English cannot translate: ``translation_unavailable``.
+
+Limits (service/config.py): ``max_upload_bytes`` on the request body
+(``upload_too_large``, 413) and ``max_audio_s`` on the decoded audio's
+duration (``audio_too_long``, 413); each error gives the numbers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from aiohttp import BodyPartReader, web
 
-from models.backend import SAMPLE_RATE, Hypothesis, Window
+from models.backend import SAMPLE_RATE, DecodeOptions, Hypothesis, Window
 from models.catalog import lookup
 from models.vad import VadSettings, segment_speech
 from service.audiofile import load_audio
@@ -41,11 +47,11 @@ from service.batch import pieces_from_spans, segments_on_clock
 from service.errors import EarshotError, InvalidRequestError
 from service.formats import TimedSegment, Transcript, to_srt, to_vtt
 from service.guards import compression_ratio, drop_reason
-from service.scheduler import DecodeJob, JobKind
+from service.metrics import METRICS
+from service.scheduler import DecodeJob, JobKind, SchedulerStoppedError
 from service.server import ENGINE, Engine
 
-MAX_UPLOAD_BYTES = 25 * 1024 * 1024
-"""Largest request body accepted by the audio endpoints (OpenAI's own limit: 25 MB)."""
+log = logging.getLogger("earshot.http")
 
 MAX_FIELD_BYTES = 64 * 1024
 """Largest non-file form field (prompt, language, ...)."""
@@ -59,9 +65,6 @@ OPENAI_MODEL_ALIASES = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcrib
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 GRANULARITIES = ("word", "segment")
 
-MAX_UPLOAD_KEY = web.AppKey("openai_max_upload_bytes", int)
-"""Override of :data:`MAX_UPLOAD_BYTES` for one app (set before it starts)."""
-
 _REGISTERED_KEY = web.AppKey("openai_routes_registered", bool)
 _CREATED_KEY = web.AppKey("openai_models_created", int)
 
@@ -70,6 +73,11 @@ MODEL_HEADER = "x-earshot-model"
 
 class UploadTooLargeError(EarshotError):
     code = "upload_too_large"
+    http_status = 413
+
+
+class AudioTooLongError(EarshotError):
+    code = "audio_too_long"
     http_status = 413
 
 
@@ -377,8 +385,10 @@ def submit_pieces(
     spans: Sequence[tuple[float, float]],
     req: AudioRequest,
     language: str | None,
+    options: DecodeOptions | None = None,
 ) -> list[asyncio.Future[Hypothesis | None]]:
-    """Queue every piece as a FINAL job of the shared scheduler."""
+    """Queue every piece as a FINAL job of the shared scheduler (with
+    ``options`` instead of the finals' own, when given)."""
     futures: list[asyncio.Future[Hypothesis | None]] = []
     try:
         for i, (start, end) in enumerate(spans):
@@ -388,7 +398,9 @@ def submit_pieces(
                 prompt=req.prompt,
                 language=language,
             )
-            job = DecodeJob(("openai", request_id, i), JobKind.FINAL, window, tag=i)
+            job = DecodeJob(
+                ("openai", request_id, i), JobKind.FINAL, window, tag=i, options=options
+            )
             futures.append(engine.scheduler.submit(job))
     except BaseException:
         _cancel(futures)
@@ -571,34 +583,73 @@ async def _stream(
 # --- the endpoints ------------------------------------------------------------
 
 
+def _task_options(engine: Engine, task: str) -> DecodeOptions | None:
+    """The options for ``task``: None (the finals' own) to transcribe."""
+    if task == "transcribe":
+        return None
+    if getattr(engine.backend, "multilingual", True) is False:
+        raise TranslationUnavailableError(
+            f"model {engine.model_name!r} knows only English and cannot translate; "
+            "serve a multilingual model (one without .en) for /v1/audio/translations",
+            served=engine.model_name,
+        )
+    return replace(engine.scheduler.final_options, task=task)
+
+
 async def _transcribe(request: web.Request, task: str) -> web.StreamResponse:
     engine = request.app[ENGINE]
+    cfg = engine.config
     request_id = str(uuid.uuid4())
     try:
-        if task != "transcribe":
-            raise TranslationUnavailableError(
-                "translation is not available on this server: its decode queue "
-                "transcribes only (use /v1/audio/transcriptions)",
-            )
+        if engine.shutting_down:
+            raise SchedulerStoppedError("the server is shutting down; try another instance")
+        options = _task_options(engine, task)
         if engine.scheduler.is_overloaded():
-            return openai_error(
-                OverloadedError("the decode queue is past its high watermark (max_queue)"),
-                engine,
-                headers={"Retry-After": "2"},
-            )
-        req = await read_upload(request, request.app.get(MAX_UPLOAD_KEY, MAX_UPLOAD_BYTES))
+            raise OverloadedError("the decode queue is past its high watermark (max_queue)")
+        req = await read_upload(request, cfg.max_upload_bytes)
         resolve_model(engine, req.model)
         language = req.language
-        if language is None:
-            default = engine.config.language.strip().lower()
+        if language is None and task == "transcribe":
+            default = cfg.language.strip().lower()
             language = None if default in ("auto", "") else default
         _check_language(engine, language)
         loaded = await asyncio.to_thread(load_audio, req.audio, label=req.filename)
+        if loaded.duration > cfg.max_audio_s:
+            raise AudioTooLongError(
+                f"the audio is {loaded.duration:.1f} s long; the limit is "
+                f"{cfg.max_audio_s:g} s per request (max_audio_s)",
+                field="file",
+                limit_s=cfg.max_audio_s,
+                duration_s=round(loaded.duration, 3),
+            )
         samples = loaded.samples
         spans = _pieces(engine, samples)
-        futures = submit_pieces(engine, request_id, samples, spans, req, language)
+        futures = submit_pieces(engine, request_id, samples, spans, req, language, options)
     except EarshotError as exc:
-        return openai_error(exc, engine)
+        log.info(
+            "%s refused: %s",
+            task,
+            exc.message,
+            extra={"session": request_id, "code": exc.code, "status": exc.http_status},
+        )
+        metrics = request.app.get(METRICS)
+        if metrics is not None:
+            metrics.refused(exc.code, exc.http_status)
+        retry = None
+        if isinstance(exc, OverloadedError | SchedulerStoppedError):
+            retry = {"Retry-After": "2" if isinstance(exc, OverloadedError) else "5"}
+        return openai_error(exc, engine, headers=retry)
+    log.info(
+        "%s request",
+        task,
+        extra={
+            "session": request_id,
+            "audio_s": round(loaded.duration, 3),
+            "pieces": len(spans),
+            "response_format": req.response_format,
+            "stream": req.stream,
+        },
+    )
     if req.stream:
         return await _stream(request, engine, request_id, spans, futures)
     try:
@@ -619,13 +670,11 @@ async def handle_translations(request: web.Request) -> web.StreamResponse:
     return await _transcribe(request, "translate")
 
 
-def register_openai_routes(app: web.Application, *, max_upload_bytes: int | None = None) -> None:
+def register_openai_routes(app: web.Application) -> None:
     """Add the OpenAI-compatible routes to an app made by ``create_app``.
 
-    Calling it again on the same app does nothing (but may change the limit).
+    Calling it again on the same app does nothing.
     """
-    if max_upload_bytes is not None:
-        app[MAX_UPLOAD_KEY] = max_upload_bytes
     if app.get(_REGISTERED_KEY):
         return
     app[_REGISTERED_KEY] = True

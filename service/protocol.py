@@ -45,6 +45,7 @@ CLOSE_INTERNAL = 1011
 CLOSE_INVALID = 4400  # bad parameters or bad audio
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_IDLE = 4408  # no audio and no KeepAlive for too long
+CLOSE_SESSION_LIMIT = 4409  # the stream reached max_session_s
 CLOSE_TOO_LARGE = 4413  # a frame over the size limit
 CLOSE_LAGGING = 4429  # the stream fell too far behind real time
 CLOSE_CLIENT_NOT_READING = 4430  # the client stopped reading its messages

@@ -81,8 +81,10 @@ class DecodeJob:
     ``(stream_id, channel)``); a newer INTERIM with the same key supersedes a
     queued older one. ``tag`` is the submitter's own (e.g. an utterance id)
     and is never looked at. ``submitted_at`` (``time.monotonic()`` seconds) is
-    filled by :meth:`Scheduler.submit`; leave it None. Jobs compare by
-    identity (the window holds a numpy array).
+    filled by :meth:`Scheduler.submit`; leave it None. ``options`` replaces
+    the scheduler's options of the job's kind (e.g. ``task="translate"``);
+    a batch only holds jobs with equal options. Jobs compare by identity (the
+    window holds a numpy array).
     """
 
     key: Hashable
@@ -90,6 +92,7 @@ class DecodeJob:
     window: Window
     tag: object = None
     submitted_at: float | None = None
+    options: DecodeOptions | None = None
 
 
 def default_max_batch(device: str) -> int:
@@ -602,27 +605,51 @@ class Scheduler:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), remaining)
 
+    def options_for(self, job: DecodeJob) -> DecodeOptions:
+        """The options ``job`` is decoded with: its own, or those of its kind."""
+        return job.options if job.options is not None else self._options[job.kind]
+
     def _take(self, kind: JobKind) -> list[_Entry]:
-        """Pop up to max_batch live jobs of ``kind``, oldest first."""
+        """Pop up to max_batch live jobs of ``kind``, oldest first, that share
+        the oldest job's options; jobs with other options keep their places."""
         batch: list[_Entry] = []
-        while len(batch) < self.settings.max_batch:
-            if kind is JobKind.FINAL:
-                if not self._finals:
-                    break
+        options: DecodeOptions | None = None
+        if kind is JobKind.FINAL:
+            skipped: list[_Entry] = []
+            while self._finals and len(batch) < self.settings.max_batch:
                 entry = self._finals.popleft()
-            else:
-                if not self._interims:
-                    break
-                entry = self._interims.pop(next(iter(self._interims)))
-            if entry.future.done():  # the submitter cancelled it
+                if entry.future.done():  # the submitter cancelled it
+                    self._cancelled += 1
+                    continue
+                wanted = self.options_for(entry.job)
+                if options is None:
+                    options = wanted
+                if wanted != options:
+                    skipped.append(entry)
+                    continue
+                batch.append(entry)
+            self._finals.extendleft(reversed(skipped))
+            return batch
+        for key in list(self._interims):
+            if len(batch) >= self.settings.max_batch:
+                break
+            entry = self._interims[key]
+            if entry.future.done():
+                del self._interims[key]
                 self._cancelled += 1
                 continue
-            batch.append(entry)
+            wanted = self.options_for(entry.job)
+            if options is None:
+                options = wanted
+            if wanted == options:
+                del self._interims[key]
+                batch.append(entry)
         return batch
 
     async def _decode(self, kind: JobKind, batch: list[_Entry]) -> None:
         assert self._loop is not None and self._executor is not None
         windows = [entry.job.window for entry in batch]
+        options = self.options_for(batch[0].job)
         started = time.monotonic()
         queue_seconds = tuple(started - (entry.job.submitted_at or started) for entry in batch)
         self._in_flight, self._in_flight_kind, self._in_flight_started = tuple(batch), kind, started
@@ -630,7 +657,7 @@ class Scheduler:
         hyps: list[Hypothesis] = []
         try:
             hyps, seconds = await self._loop.run_in_executor(
-                self._executor, _timed_call, self.backend, windows, self._options[kind]
+                self._executor, _timed_call, self.backend, windows, options
             )
             if not isinstance(hyps, list) or len(hyps) != len(batch):
                 got = len(hyps) if isinstance(hyps, list) else type(hyps).__name__

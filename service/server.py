@@ -30,16 +30,19 @@ from models.vad import FrameModel, StreamingVad, VadSettings
 from service import __version__
 from service.config import Config
 from service.errors import EarshotError
+from service.logs import transcript_fields
 from service.metrics import METRICS
 from service.protocol import (
     CLOSE_CLIENT_NOT_READING,
     CLOSE_IDLE,
     CLOSE_INTERNAL,
     CLOSE_NORMAL,
+    CLOSE_SESSION_LIMIT,
     CLOSE_TOO_LARGE,
     InvalidMessageError,
     ModelUnavailableError,
     StreamParams,
+    TranscriptEvent,
     WarningEvent,
     configure_failure,
     error_message,
@@ -71,6 +74,12 @@ class IdleTimeoutError(EarshotError):
     code = "idle_timeout"
     http_status = 408
     ws_close_code = CLOSE_IDLE
+
+
+class SessionTooLongError(EarshotError):
+    code = "session_too_long"
+    http_status = 408
+    ws_close_code = CLOSE_SESSION_LIMIT
 
 
 class ClientNotReadingError(EarshotError):
@@ -265,6 +274,7 @@ class LiveStream:
         self._stopping = asyncio.Event()
         self._stop_waiter: asyncio.Future[Any] | None = None
         self.finished = asyncio.Event()
+        self.finals_sent = 0
 
     def stop(self) -> None:
         """Ask the stream to end as at a server shutdown (see Engine.shut_down)."""
@@ -310,9 +320,25 @@ class LiveStream:
             if isinstance(ev, WarningEvent) and not self.params.warnings:
                 # Deepgram's SDKs fail on message types they do not know.
                 log.info(
-                    "stream warning %s: %s", ev.code, ev.message, extra={"session": self.request_id}
+                    "stream warning %s: %s",
+                    ev.code,
+                    ev.message,
+                    extra={"session": self.request_id, "code": ev.code},
                 )
                 continue
+            if isinstance(ev, TranscriptEvent) and ev.is_final:
+                self.finals_sent += 1
+                log.debug(
+                    "final",
+                    extra={
+                        "session": self.request_id,
+                        "channel": ev.channel,
+                        "start": round(ev.start, 3),
+                        "duration": round(ev.duration, 3),
+                        "words": len(ev.words),
+                        **transcript_fields(ev.transcript, self.engine.config.log_transcripts),
+                    },
+                )
             self._send(event_message(ev, self.request_id, self.engine.model_name))
 
     # -- decoding -------------------------------------------------------------
@@ -366,11 +392,23 @@ class LiveStream:
         )
         close_code = CLOSE_NORMAL
         client_gone = False
+        loop = asyncio.get_running_loop()
+        opened = loop.time()
+        deadline = opened + cfg.max_session_s
         try:
             while self._fatal is None:
+                remaining = deadline - loop.time()
                 try:
-                    msg = await self._receive(cfg.idle_timeout_s)
+                    if remaining <= 0:
+                        raise asyncio.TimeoutError
+                    msg = await self._receive(min(cfg.idle_timeout_s, remaining))
                 except asyncio.TimeoutError:
+                    if loop.time() >= deadline:
+                        raise SessionTooLongError(
+                            f"the stream reached the limit of {cfg.max_session_s:g} s "
+                            "(max_session_s); open a new stream to go on",
+                            limit_s=cfg.max_session_s,
+                        ) from None
                     raise IdleTimeoutError(
                         f"no audio and no KeepAlive for {cfg.idle_timeout_s:g} s (idle_timeout_s)",
                         limit_s=cfg.idle_timeout_s,
@@ -429,6 +467,17 @@ class LiveStream:
                 with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
                     await asyncio.wait_for(asyncio.shield(sender), timeout=5.0)
             engine.closes[close_code] += 1
+            log.info(
+                "stream closed",
+                extra={
+                    "session": self.request_id,
+                    "close_code": close_code,
+                    "reason": self._close_reason or ("client_gone" if client_gone else "normal"),
+                    "audio_s": round(self.session.received_seconds, 3),
+                    "wall_s": round(loop.time() - opened, 3),
+                    "finals": self.finals_sent,
+                },
+            )
             if close_code == CLOSE_CLIENT_NOT_READING and self.transport is not None:
                 # A client that does not read cannot take a close frame either.
                 self.transport.abort()
@@ -495,6 +544,11 @@ async def handle_listen(request: web.Request) -> web.StreamResponse:
     metrics = request.app.get(METRICS)
 
     def refuse(err: EarshotError, headers: dict[str, str] | None = None) -> web.Response:
+        log.info(
+            "stream refused: %s",
+            err.message,
+            extra={"code": err.code, "status": err.http_status, "peer": request.remote},
+        )
         if metrics is not None:
             metrics.refused(err.code, err.http_status)
         return json_error(err, headers=headers)
@@ -535,6 +589,18 @@ async def handle_listen(request: web.Request) -> web.StreamResponse:
     engine.streams_total += 1
     stream = LiveStream(engine, ws, params, request.transport)
     engine.streams.add(stream)
+    log.info(
+        "stream opened",
+        extra={
+            "session": stream.request_id,
+            "peer": request.remote,
+            "encoding": params.audio.encoding,
+            "sample_rate": params.audio.sample_rate,
+            "channels": params.audio.channels,
+            "language": params.language,
+            "active_streams": engine.active_streams,
+        },
+    )
     if metrics is not None:
         metrics.stream_started(stream.session)
     try:
@@ -557,7 +623,7 @@ async def handle_health(request: web.Request) -> web.Response:
 
 async def handle_ready(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    ready = not engine.scheduler.is_overloaded()
+    ready = not engine.shutting_down and not engine.scheduler.is_overloaded()
     return web.json_response(
         {"ready": ready, "active_streams": engine.active_streams},
         status=200 if ready else 503,

@@ -55,6 +55,11 @@ def test_frozen() -> None:
         ({"EARSHOT_DEVICE": "tpu"}, "device", "auto, cpu or cuda"),
         ({"EARSHOT_LAG_LIMIT_S": "2", "EARSHOT_LAG_WARNING_S": "5"}, "lag_limit_s", "lag_warning"),
         ({"EARSHOT_ALLOW_DOWNLOAD": "perhaps"}, "allow_download", "must be of type bool"),
+        ({"EARSHOT_MAX_SESSION_S": "0"}, "max_session_s", "above 0"),
+        ({"EARSHOT_MAX_UPLOAD_BYTES": "10"}, "max_upload_bytes", "at least 1024"),
+        ({"EARSHOT_MAX_AUDIO_S": "-1"}, "max_audio_s", "above 0"),
+        ({"EARSHOT_LOG_FORMAT": "xml"}, "log_format", "json or text"),
+        ({"EARSHOT_LOG_LEVEL": "loud"}, "log_level", "debug, info"),
     ],
 )
 def test_bad_values_name_the_setting(env: dict[str, str], field: str, words: str) -> None:

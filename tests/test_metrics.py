@@ -138,10 +138,44 @@ def test_two_streams_through_a_real_server() -> None:
     assert value(after, "earshot_decode_in_flight") == 0
     # The hook that was there before bind still saw every batch.
     assert len(earlier) == sum(stats.batches.values())
+    # Three upgrades, and the scrapes before this one.
+    listen = {"route": "/v1/listen", "method": "GET", "status": "101"}
+    assert value(after, "earshot_http_requests_total", **listen) == 3
+    scrapes = {"route": "/metrics", "method": "GET", "status": "200"}
+    assert value(after, "earshot_http_requests_total", **scrapes) == 2
     assert types["earshot_batch_size"] == "histogram"
     assert types["earshot_streams_opened"] == "counter"
     assert types["earshot_stream_lag_max_seconds"] == "gauge"
     assert types["earshot_fallback_uses"] == "counter"
+
+
+def test_http_api_requests_and_refusals_are_counted() -> None:
+    async def main() -> Samples:
+        engine = make_engine(max_upload_bytes=2048)
+        async with metrics_server(engine) as (base, _), ClientSession() as http:
+            async with http.get(base + "/v1/models") as resp:
+                assert resp.status == 200
+            async with http.get(base + "/v1/models/large-v3") as resp:
+                assert resp.status == 404
+            async with http.get(base + "/nowhere") as resp:
+                assert resp.status == 404
+            body = b"x" * 4096
+            headers = {"Content-Type": "multipart/form-data; boundary=b"}
+            url = base + "/v1/audio/transcriptions"
+            async with http.post(url, data=body, headers=headers) as resp:
+                assert resp.status == 413
+            samples, _ = await scrape(http, base)
+            return samples
+
+    after = run(main)
+    requests = "earshot_http_requests_total"
+    assert value(after, requests, route="/v1/models", method="GET", status="200") == 1
+    assert value(after, requests, route="/v1/models/{model_id}", method="GET", status="404") == 1
+    assert value(after, requests, route="unmatched", method="GET", status="404") == 1
+    route = "/v1/audio/transcriptions"
+    assert value(after, requests, route=route, method="POST", status="413") == 1
+    refused = value(after, "earshot_refusals_total", reason="upload_too_large", status="413")
+    assert refused == 1
 
 
 def test_registries_are_separate_and_the_route_is_registered() -> None:

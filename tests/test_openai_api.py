@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +14,11 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
-from aiohttp import web
 from openai import AsyncOpenAI
 
-from models.backend import SAMPLE_RATE
+from models.backend import SAMPLE_RATE, DecodeOptions, Hypothesis, Window
 from models.vad import shared_model
 from service.config import load_config
-from service.openai_api import MAX_UPLOAD_KEY, register_openai_routes
 from service.server import Engine
 from tests.kit.live import running_server
 from tests.kit.tones import ToneBackend, make_speech, random_script
@@ -28,34 +26,26 @@ from tests.kit.tones import ToneBackend, make_speech, random_script
 pytestmark = pytest.mark.timeout(120)
 
 
-def make_engine(**overrides: Any) -> Engine:
+def make_engine(backend: ToneBackend | None = None, **overrides: Any) -> Engine:
     cfg = load_config(env={}, overrides=overrides)
-    tone = ToneBackend()
+    tone = backend or ToneBackend()
     tone.device = "cpu"  # type: ignore[attr-defined]
     return Engine.create(cfg, tone, vad_model=shared_model())
 
 
 @contextlib.asynccontextmanager
-async def openai_client(
-    engine: Engine, *, max_upload_bytes: int | None = None
-) -> AsyncIterator[AsyncOpenAI]:
-    """Serve ``engine`` with the OpenAI routes on a free loopback port."""
-
-    def configure(app: web.Application) -> None:
-        register_openai_routes(app)  # a no-op once create_app registers them itself
-        if max_upload_bytes is not None:
-            app[MAX_UPLOAD_KEY] = max_upload_bytes
-
+async def openai_client(engine: Engine) -> AsyncIterator[AsyncOpenAI]:
+    """Serve ``engine`` on a free loopback port; an SDK client pointed at its /v1."""
     async with (
-        running_server(engine, configure) as url,
+        running_server(engine) as url,
         AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=30.0) as client,
     ):
         yield client
 
 
-def run(engine: Engine, body: Callable[[AsyncOpenAI], Awaitable[Any]], **kw: Any) -> Any:
+def run(engine: Engine, body: Callable[[AsyncOpenAI], Awaitable[Any]]) -> Any:
     async def main() -> Any:
-        async with openai_client(engine, **kw) as client:
+        async with openai_client(engine) as client:
             return await body(client)
 
     return asyncio.run(asyncio.wait_for(main(), timeout=90))
@@ -280,21 +270,58 @@ def test_too_large_upload_is_413_with_the_numbers(wav: Path) -> None:
             await client.audio.transcriptions.create(file=wav, model="whisper-1")
         return err.value
 
-    err = run(make_engine(), body, max_upload_bytes=10_000)
+    err = run(make_engine(max_upload_bytes=10_000), body)
     assert err.status_code == 413
     assert err.code == "upload_too_large"
     assert "10000 bytes" in err.message
 
 
-def test_translation_is_refused_with_a_clear_code(wav: Path) -> None:
+class TaskRecordingTones(ToneBackend):
+    """The tone backend, recording the task of every batch."""
+
+    def __init__(self, *, multilingual: bool = True) -> None:
+        super().__init__()
+        self.multilingual = multilingual
+        self.tasks: list[str] = []
+
+    def transcribe_batch(
+        self, windows: Sequence[Window], options: DecodeOptions
+    ) -> list[Hypothesis]:
+        self.tasks.append(options.task)
+        return super().transcribe_batch(windows, options)
+
+
+def test_translation_runs_through_the_queue_with_task_translate(wav: Path) -> None:
+    backend = TaskRecordingTones()
+
     async def body(client: AsyncOpenAI) -> Any:
         # The SDK marks its translations call deprecated; servers still answer it.
+        with pytest.warns(DeprecationWarning):
+            translated = await client.audio.translations.create(
+                file=wav, model="whisper-1", response_format="verbose_json"
+            )
+        transcribed = await client.audio.transcriptions.create(file=wav, model="whisper-1")
+        return translated, transcribed
+
+    translated, transcribed = run(make_engine(backend), body)
+    assert translated.task == "translate"
+    assert translated.text == transcribed.text != ""
+    assert set(backend.tasks) == {"translate", "transcribe"}
+    assert backend.tasks[0] == "translate"
+
+
+def test_translation_with_an_english_only_model_is_refused(wav: Path) -> None:
+    backend = TaskRecordingTones(multilingual=False)
+
+    async def body(client: AsyncOpenAI) -> Any:
         with pytest.raises(openai.BadRequestError) as err, pytest.warns(DeprecationWarning):
             await client.audio.translations.create(file=wav, model="whisper-1")
         return err.value
 
-    err = run(make_engine(), body)
+    err = run(make_engine(backend), body)
     assert err.code == "translation_unavailable"
+    assert "only English" in err.message
+    assert backend.tasks == []
 
 
 def test_silence_gives_an_empty_transcript(tmp_path: Path) -> None:
@@ -327,7 +354,7 @@ def test_chunked_upload_over_the_limit_is_413(wav: Path) -> None:
     from aiohttp import ClientSession, ClientTimeout, FormData
 
     async def main() -> tuple[int, dict[str, Any]]:
-        async with openai_client(make_engine(), max_upload_bytes=10_000) as client:
+        async with openai_client(make_engine(max_upload_bytes=10_000)) as client:
             form = FormData()
             form.add_field("model", "whisper-1")
             form.add_field("file", wav.read_bytes(), filename="speech.wav")

@@ -220,6 +220,35 @@ def test_finals_go_before_interims_queued_earlier_with_their_own_options() -> No
     run(main())
 
 
+def test_a_batch_holds_only_jobs_with_equal_options_and_others_keep_their_place() -> None:
+    translate = DecodeOptions(beam_size=5, task="translate")
+
+    async def main() -> None:
+        backend = FakeBackend(gated=True)
+        async with make(backend, max_batch=4) as sched:
+            await hold_first_batch(sched, backend)
+            futs = [
+                sched.submit(job(FINAL, "f0")),
+                sched.submit(DecodeJob("t0", FINAL, window("t0"), options=translate)),
+                sched.submit(job(FINAL, "f1")),
+                sched.submit(DecodeJob("t1", FINAL, window("t1"), options=translate)),
+                sched.submit(job(FINAL, "f2")),
+                sched.submit(job(INTERIM, "i0")),
+                sched.submit(DecodeJob("i1", INTERIM, window("i1"), options=translate)),
+            ]
+            backend.release()
+            results = await asyncio.gather(*futs)
+        assert [text(r) for r in results] == ["f0", "t0", "f1", "t1", "f2", "i0", "i1"]
+        assert backend.calls[1:] == [
+            (["f0", "f1", "f2"], FINAL_OPTIONS),
+            (["t0", "t1"], translate),
+            (["i0"], INTERIM_OPTIONS),
+            (["i1"], translate),
+        ]
+
+    run(main())
+
+
 def test_newer_interim_replaces_queued_one_of_same_key_only() -> None:
     async def main() -> None:
         backend = FakeBackend(gated=True)

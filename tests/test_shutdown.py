@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -115,7 +116,19 @@ def test_sigterm_during_eight_streams(micro_model: Path, testdata: Path, tmp_pat
             proc.wait()
         log.close()
     server_log = (tmp_path / "server.log").read_text()
-    assert "earshot: stopped" in server_log, server_log
+    # The log is JSON lines, with the stream's id on every line about a stream,
+    # and without what was said.
+    lines = [json.loads(line) for line in server_log.splitlines() if line.strip()]
+    assert lines[-1]["message"] == "stopped", server_log
+    opened = {line["session"] for line in lines if line["message"] == "stream opened"}
+    closed = {line["session"]: line for line in lines if line["message"] == "stream closed"}
+    sessions = {r["finals"][0]["metadata"]["request_id"] for r in results}
+    assert opened == sessions == set(closed)
+    assert {line["close_code"] for line in closed.values()} == {1001}
+    for r in results:
+        for final in r["finals"]:
+            text = final["channel"]["alternatives"][0]["transcript"].strip()
+            assert text not in server_log or len(text) < 4
     assert code == 0
     assert elapsed < 15 + 10
     for r in results:

@@ -11,13 +11,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from aiohttp import ClientSession, WSMsgType, WSServerHandshakeError
+from aiohttp import ClientSession, WSServerHandshakeError
 
 from clients.stream import StreamClient, StreamRefusedError, encode_audio, transcribe_stream
 from models.vad import shared_model
 from service.config import load_config
 from service.server import Engine
-from tests.kit.live import running_server
+from tests.kit.live import final_texts, raw_stream, running_server
 from tests.kit.tones import ToneBackend, make_speech, random_script
 
 pytestmark = pytest.mark.timeout(120)
@@ -263,22 +263,6 @@ def test_the_stream_client_reports_a_refusal() -> None:
     assert "invalid_sample_rate" in str(err)
 
 
-async def _raw_stream(
-    url: str, frames: list[bytes | str], query: str = "encoding=linear16&sample_rate=16000"
-) -> tuple[list[dict[str, Any]], int | None]:
-    messages: list[dict[str, Any]] = []
-    async with ClientSession() as http, http.ws_connect(f"{url}?{query}") as ws:
-        for frame in frames:
-            if isinstance(frame, bytes):
-                await ws.send_bytes(frame)
-            else:
-                await ws.send_str(frame)
-        async for msg in ws:
-            if msg.type == WSMsgType.TEXT:
-                messages.append(msg.json())
-        return messages, ws.close_code
-
-
 def _speech_pcm(script: list[list[str]]) -> bytes:
     audio, _ = make_speech(script, 16000)
     return encode_audio(audio, "linear16")
@@ -288,25 +272,17 @@ def _types(messages: list[dict[str, Any]]) -> list[str]:
     return [m["type"] for m in messages]
 
 
-def _final_texts(messages: list[dict[str, Any]]) -> list[str]:
-    return [
-        m["channel"]["alternatives"][0]["transcript"]
-        for m in messages
-        if m["type"] == "Results" and m["is_final"]
-    ]
-
-
 def test_odd_byte_count_reports_partial_frame_and_keeps_finals() -> None:
     pcm = _speech_pcm([["alpha", "bravo"]])
 
     async def main() -> Any:
         async with listen_url(make_engine()) as url:
-            return await _raw_stream(url, [pcm + b"\x01", '{"type": "CloseStream"}'])
+            return await raw_stream(url, [pcm + b"\x01", '{"type": "CloseStream"}'])
 
     messages, code = run(main)
     errors = [m for m in messages if m["type"] == "Error"]
     assert [e["code"] for e in errors] == ["audio_partial_frame"]
-    assert _final_texts(messages) == ["alpha bravo"]
+    assert final_texts(messages) == ["alpha bravo"]
     assert code == 1000
 
 
@@ -322,14 +298,14 @@ def test_text_that_is_not_json_and_unknown_controls_are_not_fatal() -> None:
                 pcm,
                 '{"type": "CloseStream"}',
             ]
-            return await _raw_stream(url, frames)
+            return await raw_stream(url, frames)
 
     messages, code = run(main)
     errors = [m for m in messages if m["type"] == "Error"]
     assert [e["code"] for e in errors] == ["invalid_message", "invalid_message"]
     assert "not valid JSON" in errors[0]["message"]
     assert "Dance" in errors[1]["message"]
-    assert _final_texts(messages) == ["charlie delta"]
+    assert final_texts(messages) == ["charlie delta"]
     assert code == 1000
 
 
@@ -340,13 +316,13 @@ def test_frame_over_the_limit_closes_with_its_code_and_keeps_finals() -> None:
     async def main() -> Any:
         async with listen_url(make_engine(max_frame_bytes=limit)) as url:
             chunks = [pcm[i : i + 4000] for i in range(0, len(pcm), 4000)]
-            return await _raw_stream(url, [*chunks, b"\0" * (limit + 2)])
+            return await raw_stream(url, [*chunks, b"\0" * (limit + 2)])
 
     messages, code = run(main)
     errors = [m for m in messages if m["type"] == "Error"]
     assert [e["code"] for e in errors] == ["frame_too_large"]
     assert errors[0]["limit"] == limit and errors[0]["size"] == limit + 2
-    assert _final_texts(messages) == ["echo foxtrot", "golf"]
+    assert final_texts(messages) == ["echo foxtrot", "golf"]
     assert code == 4413
 
 
@@ -359,7 +335,7 @@ def test_channels_that_do_not_match_the_data() -> None:
 
     async def main() -> Any:
         async with listen_url(make_engine()) as url:
-            return await _raw_stream(
+            return await raw_stream(
                 url, [mono, '{"type": "CloseStream"}'], "encoding=linear16&channels=2"
             )
 
