@@ -8,8 +8,9 @@ cannot set headers on a websocket, as the subprotocols ``token, KEY``
 (``new WebSocket(url, ["token", KEY])``); the server then selects ``token``.
 
 Every refusal happens before a websocket upgrade: 401 ``unauthorized`` for a
-missing or wrong key, 403 ``forbidden_origin`` for an ``Origin`` header not in
-``allowed_origins``. ``/healthz`` and ``/readyz`` stay open. Keys are compared
+missing or wrong key, 403 ``forbidden_origin`` for an ``Origin`` header that
+is neither in ``allowed_origins`` nor the server's own page on loopback.
+``/healthz``, ``/readyz`` and the demo page stay open. Keys are compared
 in constant time against every configured key and are never logged.
 See docs/auth.md.
 """
@@ -22,16 +23,19 @@ import itertools
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
+from clients.web import DEMO_PATHS
 from service.config import Config
 from service.errors import ConfigError, EarshotError
 from service.protocol import error_message
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-"""Paths answered without a key or an origin check (load balancers, probes)."""
+OPEN_PATHS = frozenset({"/healthz", "/readyz"}) | DEMO_PATHS
+"""Paths answered without a key or an origin check (load balancers, probes,
+and the browser demo's page and assets, whose user types the key into it)."""
 
 TOKEN_SUBPROTOCOL = "token"
 """The websocket subprotocol that announces a key in the next subprotocol."""
@@ -102,6 +106,28 @@ def key_matches(candidate: str, keys: Sequence[str]) -> bool:
 
 def _parse_origins(raw: str) -> frozenset[str]:
     return frozenset(o.strip().rstrip("/").lower() for o in raw.split(",") if o.strip())
+
+
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def is_own_loopback_origin(origin: str, request: web.BaseRequest) -> bool:
+    """Whether ``origin`` is this server's own page opened on loopback:
+    ``http://127.0.0.1:PORT``, ``http://localhost:PORT`` or ``http://[::1]:PORT``
+    with PORT the port the request came in on. Such an origin is only ever
+    sent by a page this server itself served (the demo page at ``/``): a
+    page of another site carries its own name as origin, even when its name
+    is rebound to 127.0.0.1, so the Host header is never trusted here."""
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or parts.hostname not in _LOOPBACK_HOSTS:
+        return False
+    transport = request.transport
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    return isinstance(sockname, tuple) and len(sockname) >= 2 and port == sockname[1]
 
 
 def request_credentials(request: web.BaseRequest) -> list[str]:
@@ -184,14 +210,16 @@ class _Auth:
         self.keys = load_api_keys(config)
         self.origins = _parse_origins(config.allowed_origins)
 
-    def origin_allowed(self, origin: str) -> bool:
-        return "*" in self.origins or origin.strip().rstrip("/").lower() in self.origins
+    def origin_allowed(self, origin: str, request: web.BaseRequest | None = None) -> bool:
+        if "*" in self.origins or origin.strip().rstrip("/").lower() in self.origins:
+            return True
+        return request is not None and is_own_loopback_origin(origin, request)
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in OPEN_PATHS:
             return await handler(request)
         origin = request.headers.get(hdrs.ORIGIN)
-        if origin is not None and not self.origin_allowed(origin):
+        if origin is not None and not self.origin_allowed(origin, request):
             err: EarshotError = ForbiddenOriginError(
                 f"browser origin {origin!r} is not in allowed_origins", origin=origin
             )

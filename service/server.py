@@ -650,11 +650,13 @@ def create_app(engine: Engine) -> web.Application:
     app.router.add_get("/healthz", handle_health)
     app.router.add_get("/readyz", handle_ready)
     # Imported here: these modules import this one.
+    from clients.web import register_demo_routes
     from service.auth import register_auth
     from service.metrics import register_metrics_routes
     from service.openai_api import register_openai_routes
 
     register_metrics_routes(app)
     register_openai_routes(app)
+    register_demo_routes(app)
     register_auth(app)
     return app

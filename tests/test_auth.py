@@ -203,9 +203,21 @@ def test_no_keys_means_open_but_origins_still_checked() -> None:
         async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
             async with s.get(url + "/v1/models") as r:
                 assert r.status == 200
-            # DNS rebinding: a page on another site reaching a loopback server.
-            async with s.get(url + "/v1/models", headers={"Origin": url}) as r:
+            port = int(url.rsplit(":", 1)[1])
+            # DNS rebinding: a page of another site whose name now points at
+            # 127.0.0.1 sends its own origin, and a Host header to match it.
+            rebound = f"http://evil.example:{port}"
+            headers = {"Origin": rebound, "Host": f"evil.example:{port}"}
+            async with s.get(url + "/v1/models", headers=headers) as r:
                 assert r.status == 403
+            # Another page on this host (another port) is not this server's.
+            headers = {"Origin": f"http://127.0.0.1:{port + 1}"}
+            async with s.get(url + "/v1/models", headers=headers) as r:
+                assert r.status == 403
+            # The server's own page, opened on loopback, is allowed.
+            for own in (f"http://127.0.0.1:{port}", f"http://localhost:{port}"):
+                async with s.get(url + "/v1/models", headers={"Origin": own}) as r:
+                    assert r.status == 200, own
 
     run(body)
 
