@@ -20,6 +20,9 @@ from service.errors import EarshotError
 EXIT_OK = 0
 EXIT_INPUT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_REFUSED = 3
+"""``serve`` refused by policy: a destination outside allowed_networks, or a
+model whose files do not match their record."""
 
 
 def _err(message: str) -> None:
@@ -260,23 +263,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from models.runner import RunnerSettings, WhisperRunner
     from models.store import ModelStore
     from models.vad import shared_model
+    from service.auth import check_bind_policy
     from service.config import config_from_args
+    from service.egress import activate, egress_reason
     from service.logs import configure_logging
     from service.server import Engine, create_app
+    from service.startup import (
+        build_egress_guard,
+        build_remote,
+        check_sovereignty,
+        stated_policy,
+        verify_model,
+    )
 
     cfg = config_from_args(args)
-    from service.auth import check_bind_policy
-
+    # Refusals come before anything is loaded, opened or sent.
     check_bind_policy(cfg)
+    check_sovereignty(cfg)
     configure_logging(cfg.log_level, cfg.log_format)
     log = logging.getLogger("earshot")
+    guard = build_egress_guard(cfg)
+    if guard is not None:
+        activate(guard)  # from here on, every outbound connection is judged and audited
     store = ModelStore(Path(cfg.models_dir) if cfg.models_dir else None)
-    resolved = store.resolve(cfg.model, allow_download=cfg.allow_download)
+    with egress_reason("model download"):
+        resolved = store.resolve(cfg.model, allow_download=cfg.allow_download)
+    verified = verify_model(resolved.path, cfg)
     log.info(
         "loading model %s from %s",
         resolved.name,
         resolved.path,
-        extra={"model": resolved.name, "path": str(resolved.path)},
+        extra={"model": resolved.name, "path": str(resolved.path), "record_verified": verified},
     )
     runner = WhisperRunner(
         resolved.path,
@@ -285,7 +302,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ),
         name=resolved.name,
     )
-    engine = Engine.create(cfg, runner, vad_model=shared_model())
+    remote = build_remote(cfg)
+    policy = stated_policy(cfg, remote=remote, guard=guard, model_verified=verified)
+    engine = Engine.create(cfg, runner, vad_model=shared_model(), fallback=remote, policy=policy)
     log.info("model warmed up in %.1f s", engine.warm_up())
     log.info(
         "serving %s on %s (%s), batches of up to %d; stream at ws://%s:%d/v1/listen",
@@ -426,6 +445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except EarshotError as exc:
         _err(f"{exc.message} [{exc.code}]")
+        if exc.code in ("egress_refused", "model_checksum_mismatch"):
+            return EXIT_REFUSED
         return EXIT_USAGE
     except KeyboardInterrupt:
         _err("interrupted")

@@ -94,8 +94,54 @@ class Config:
         False, "allow a non-loopback host with no API keys configured (unsafe)"
     )
 
+    # Sovereignty (docs/sovereignty.md): remote fallback, on-prem-only mode, audit.
+    on_prem_only: bool = _f(
+        False,
+        "guarantee that nothing leaves allowed_networks: refuse remote backends outside "
+        "it, hub downloads and any other outbound connection",
+    )
+    allowed_networks: str = _f(
+        "",
+        "comma-separated hosts, IP addresses and CIDRs that count as the operator's own "
+        "(loopback always does); names may be *.domain",
+    )
+    audit_log: str = _f(
+        "",
+        "JSON-lines audit of outbound connections: a path, - for stderr, off; empty: "
+        "~/.local/share/earshot/egress-audit.jsonl in on-prem-only mode, off otherwise",
+    )
+    audit_loopback: bool = _f(False, "audit connections to loopback too")
+    remote_url: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "help": "base URL of an OpenAI-compatible transcription API used as fallback, "
+            "e.g. http://10.0.0.5:8000/v1 (empty: no remote, nothing ever goes remote)"
+        },
+    )
+    remote_api_key: str = field(
+        default="",
+        repr=False,
+        metadata={"help": "API key of the remote (prefer EARSHOT_REMOTE_API_KEY)"},
+    )
+    remote_model: str = _f("whisper-1", "model name sent to the remote")
+    remote_timeout_s: float = _f(30.0, "per-request timeout of the remote")
+    remote_max_retries: int = _f(2, "retries of a failed remote request (errors, 429, 5xx)")
+    fallback_on: str = _f(
+        "overload,failure",
+        "when work may go to the remote: overload (local queue past max_queue), "
+        "failure (the local model failed)",
+    )
+    allow_unverified_model: bool = _f(
+        False, "serve a model whose files do not match its recorded checksums (unsafe)"
+    )
+
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def fallback_reasons(self) -> frozenset[str]:
+        return frozenset(_split(self.fallback_on))
 
 
 def _convert(name: str, kind: Any, raw: Any) -> Any:
@@ -124,6 +170,11 @@ def _convert(name: str, kind: Any, raw: Any) -> Any:
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+def _split(value: str) -> list[str]:
+    """The items of a comma-separated setting, stripped, without empty ones."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
 def _validate(cfg: Config) -> Config:
     checks = [
         ("port", 0 <= cfg.port <= 65535, "from 0 to 65535"),
@@ -146,6 +197,13 @@ def _validate(cfg: Config) -> Config:
         ("max_audio_s", cfg.max_audio_s > 0, "above 0"),
         ("log_level", cfg.log_level.lower() in _LOG_LEVELS, "debug, info, warning or error"),
         ("log_format", cfg.log_format in ("json", "text"), "json or text"),
+        (
+            "fallback_on",
+            set(_split(cfg.fallback_on)) <= {"overload", "failure"},
+            "a comma-separated list of overload, failure",
+        ),
+        ("remote_timeout_s", cfg.remote_timeout_s > 0, "above 0"),
+        ("remote_max_retries", 0 <= cfg.remote_max_retries <= 10, "from 0 to 10"),
         ("socket_send_buffer", cfg.socket_send_buffer >= 4096, "at least 4096"),
         ("device", cfg.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
     ]

@@ -17,8 +17,8 @@ Where the numbers come from:
 - Calls the server makes: :meth:`Metrics.refused` for a refusal before the
   websocket upgrade, :meth:`Metrics.stream_started` / :meth:`Metrics.stream_ended`
   around a stream's session (they feed audio received and the lag gauge),
-  :meth:`Metrics.fallback_used` (reserved for the remote fallback; nothing
-  calls it yet, so the counter has no samples).
+  and the fallback's batches (``BatchReport.fallback_reason``) feed
+  ``earshot_fallback_uses_total``.
 
 Lag is a gauge, ``earshot_stream_lag_max_seconds``: the largest
 ``StreamSession.lag_seconds()`` over the streams open at scrape time (0 with
@@ -216,8 +216,9 @@ class Metrics:
         )
         self.fallback_uses = Counter(
             "fallback_uses",
-            "Decodes sent to a fallback backend, by backend (no fallback exists yet).",
-            ["backend"],
+            "Decode jobs sent to the remote fallback backend, by backend and reason "
+            "(overload, failure); failed attempts included.",
+            ["backend", "reason"],
             namespace=ns,
             registry=r,
         )
@@ -259,6 +260,8 @@ class Metrics:
         wait = self.queue_wait.labels(kind)
         for seconds in report.queue_seconds:
             wait.observe(seconds)
+        if report.fallback_reason is not None:
+            self.fallback_uses.labels(report.backend, report.fallback_reason).inc(report.size)
         if report.error is None:
             self.audio_decoded.labels(kind).inc(report.audio_seconds)
         else:
@@ -280,10 +283,6 @@ class Metrics:
         leaves the lag gauge. Safe to call twice or for an unknown session."""
         if self._sessions.pop(id(session), None) is not None:
             self._ended_audio_seconds += session.received_seconds
-
-    def fallback_used(self, backend: str) -> None:
-        """A decode went to the fallback ``backend`` (for the remote fallback to come)."""
-        self.fallback_uses.labels(backend).inc()
 
     # -- exposition ----------------------------------------------------------------
 

@@ -81,6 +81,11 @@ class AudioTooLongError(EarshotError):
     http_status = 413
 
 
+class ModelNotLocalError(EarshotError):
+    code = "model_not_local"
+    http_status = 400
+
+
 class ModelNotAvailableError(EarshotError):
     code = "model_not_available"
     http_status = 400
@@ -143,8 +148,18 @@ def resolve_model(engine: Engine, name: str | None) -> str:
     of the catalogue is refused with ``model_not_available``.
     """
     served = engine.model_name
-    if not name or name == served or name in OPENAI_MODEL_ALIASES or lookup(name) is None:
+    remote = getattr(getattr(engine.scheduler.fallback, "settings", None), "model", None)
+    if not name or name == served or name in OPENAI_MODEL_ALIASES:
         return served
+    if lookup(name) is None and name != remote:
+        return served
+    if engine.config.on_prem_only:
+        raise ModelNotLocalError(
+            f"model {name!r} is not on this server, and on-prem-only mode neither downloads "
+            f"models nor sends audio to a remote one; this server runs {served!r}",
+            field="model",
+            served=served,
+        )
     raise ModelNotAvailableError(
         f"model {name!r} is not served here; this server runs {served!r} "
         f"(OpenAI's names {', '.join(OPENAI_MODEL_ALIASES)} also mean it)",
@@ -507,8 +522,23 @@ def _language_name(code: str) -> str:
     return _LANGUAGE_NAMES.get(code, code)
 
 
-def _earshot_info(engine: Engine, req: AudioRequest, request_id: str) -> dict[str, Any]:
-    return {"model": engine.model_name, "requested_model": req.model, "request_id": request_id}
+def _earshot_info(
+    engine: Engine, req: AudioRequest, request_id: str, results: Sequence[PieceResult] = ()
+) -> dict[str, Any]:
+    """Which model ran, and what produced each piece (local, or the remote fallback)."""
+    sources: list[dict[str, Any]] = []
+    for piece in results:
+        if piece.hypothesis is not None:
+            source = engine.result_provenance(piece.hypothesis.info)
+            if source not in sources:
+                sources.append(source)
+    return {
+        "model": engine.model_name,
+        "requested_model": req.model,
+        "request_id": request_id,
+        "provenance": sources,
+        "policy": {"on_prem_only": engine.config.on_prem_only},
+    }
 
 
 def _render(
@@ -519,18 +549,30 @@ def _render(
     results: Sequence[PieceResult],
     task: str,
 ) -> web.Response:
-    headers = {MODEL_HEADER: engine.model_name, "x-request-id": request_id}
+    used = {
+        str(r.hypothesis.info.get("name") or "remote")
+        if r.hypothesis.info.get("backend") == "remote"
+        else "local"
+        for r in results
+        if r.hypothesis is not None
+    }
+    headers = {
+        MODEL_HEADER: engine.model_name,
+        "x-request-id": request_id,
+        # Which backends decoded this file: "local", or a remote fallback's name too.
+        "x-earshot-backends": ",".join(sorted(used)) or "none",
+    }
     fmt = req.response_format
     if fmt == "verbose_json":
         body = _verbose(engine, req, duration, results, task)
-        body["earshot"] = _earshot_info(engine, req, request_id)
+        body["earshot"] = _earshot_info(engine, req, request_id, results)
         return web.json_response(body, headers=headers)
     transcript, _, _ = _transcript(req, duration, results)
     if fmt == "json":
         body = {
             "text": transcript.text,
             "usage": {"type": "duration", "seconds": round(duration, 3)},
-            "earshot": _earshot_info(engine, req, request_id),
+            "earshot": _earshot_info(engine, req, request_id, results),
         }
         return web.json_response(body, headers=headers)
     if fmt == "text":
@@ -604,7 +646,7 @@ async def _transcribe(request: web.Request, task: str) -> web.StreamResponse:
         if engine.shutting_down:
             raise SchedulerStoppedError("the server is shutting down; try another instance")
         options = _task_options(engine, task)
-        if engine.scheduler.is_overloaded():
+        if not engine.scheduler.accepting():
             raise OverloadedError("the decode queue is past its high watermark (max_queue)")
         req = await read_upload(request, cfg.max_upload_bytes)
         resolve_model(engine, req.model)

@@ -423,6 +423,7 @@ def metadata_message(
     policy: dict[str, Any],
     decoding: dict[str, Any],
     duration: float | None = None,
+    backends: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """The ``Metadata`` message: sent first, and again with the totals at the end."""
     name = str(provenance.get("name") or "unknown")
@@ -445,4 +446,7 @@ def metadata_message(
             "decoding": decoding,
         },
     }
+    if backends is not None:
+        # The last Metadata: decodes per backend ("local", or a remote's name).
+        msg["earshot"]["backends_used"] = backends
     return msg

@@ -23,7 +23,25 @@ Policy, in order of importance:
   :meth:`Scheduler.should_submit_interim`, which the server uses to refuse
   new streams and to thin interims before finals suffer.
 
-Everything here except the worker thread runs on the event loop that called
+A second backend, the ``fallback`` (a remote one; see models/remote.py), is
+optional and only used when configured. Reasons, each enabled separately by
+``fallback_on``:
+
+- ``"overload"``: while the local queue is past its high watermark
+  (:meth:`Scheduler.is_overloaded`), a second batcher takes the oldest queued
+  finals and decodes them on the fallback, in a worker thread of its own,
+  alongside the local batch. Interims never go to the fallback. A batch the
+  fallback fails goes back to the front of the local queue.
+- ``"failure"``: a local batch that raised (anything but InvalidRequestError,
+  which is the request's fault) is decoded again on the fallback.
+
+The fallback is asked ``available()`` (when it has one, e.g. a circuit
+breaker) before any work goes to it. Every hypothesis it produced carries
+``info["fallback"]`` (the reason) and ``info["backend"] == "remote"``, and
+the ``on_batch`` report names the backend, so that the use is visible to
+clients, logs and metrics.
+
+Everything here except the worker threads runs on the event loop that called
 :meth:`Scheduler.start`; call every method from that loop.
 """
 
@@ -37,12 +55,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from types import TracebackType
 from typing import Any, NamedTuple
 
 from models.backend import MAX_WINDOW_SECONDS, Backend, DecodeOptions, Hypothesis, Window
+from service.egress import egress_reason
 from service.errors import ConfigError, EarshotError, InvalidRequestError
 
 log = logging.getLogger("earshot.scheduler")
@@ -52,6 +71,10 @@ THREAD_NAME_PREFIX = "earshot-decode"
 
 # A window may be a few ms over 30 s after resampling; the runner accepts that too.
 _WINDOW_TOLERANCE_S = 0.05
+
+
+FALLBACK_REASONS = ("overload", "failure")
+"""Why work may go to the fallback backend (``Scheduler(fallback_on=...)``)."""
 
 
 class JobKind(str, Enum):
@@ -195,7 +218,9 @@ class BatchReport:
     ``queue_seconds`` how long each job waited between submit and the start
     of the call, in batch order; ``audio_seconds`` the total audio decoded.
     ``error`` is the exception the backend raised (every job of the batch got
-    it), or None on success.
+    it), or None on success. ``backend`` is ``"local"`` or the fallback's
+    name, and ``fallback_reason`` why the batch went to the fallback
+    (``"overload"`` or ``"failure"``; None for local batches).
     """
 
     kind: JobKind
@@ -204,6 +229,8 @@ class BatchReport:
     audio_seconds: float
     queue_seconds: tuple[float, ...]
     error: BaseException | None = None
+    backend: str = "local"
+    fallback_reason: str | None = None
 
 
 BatchHook = Callable[[BatchReport], None]
@@ -222,7 +249,9 @@ class SchedulerStats:
     ``busy_seconds`` total time spent inside the backend.
     ``ewma_batch_seconds`` / ``ewma_window_seconds``: moving averages of a
     successful batch's duration and of that duration divided by the batch
-    size, per kind; None before the first batch of that kind.
+    size, per kind; None before the first batch of that kind (local batches
+    only). ``fallback_completed`` / ``fallback_failed``: jobs the fallback
+    decoded or failed, by reason. Local counters don't include fallback work.
     """
 
     submitted: dict[JobKind, int]
@@ -236,6 +265,8 @@ class SchedulerStats:
     busy_seconds: float
     ewma_batch_seconds: dict[JobKind, float | None]
     ewma_window_seconds: dict[JobKind, float | None]
+    fallback_completed: dict[str, int] = field(default_factory=dict)
+    fallback_failed: dict[str, int] = field(default_factory=dict)
 
 
 class _Entry:
@@ -257,11 +288,17 @@ def _per_kind(value: int = 0) -> dict[JobKind, int]:
 
 
 def _timed_call(
-    backend: Backend, windows: list[Window], options: DecodeOptions
+    backend: Backend, windows: list[Window], options: DecodeOptions, reason: str | None = None
 ) -> tuple[list[Hypothesis], float]:
-    """Runs in the worker thread: the call and its own duration, free of loop delays."""
+    """Runs in the worker thread: the call and its own duration, free of loop
+    delays. ``reason`` marks the connections the call makes in the egress
+    audit log (service/egress.py)."""
     started = time.perf_counter()
-    hyps = backend.transcribe_batch(windows, options)
+    if reason is None:
+        hyps = backend.transcribe_batch(windows, options)
+    else:
+        with egress_reason(reason):
+            hyps = backend.transcribe_batch(windows, options)
     return hyps, time.perf_counter() - started
 
 
@@ -292,8 +329,18 @@ class Scheduler:
         final_options: DecodeOptions,
         interim_options: DecodeOptions,
         on_batch: BatchHook | None = None,
+        fallback: Backend | None = None,
+        fallback_on: frozenset[str] = frozenset(),
     ) -> None:
+        unknown = set(fallback_on) - set(FALLBACK_REASONS)
+        if unknown:
+            raise ConfigError(
+                f"fallback_on may hold {', '.join(FALLBACK_REASONS)}, not {sorted(unknown)}",
+                field="fallback_on",
+            )
         self.backend = backend
+        self.fallback = fallback
+        self.fallback_on = frozenset(fallback_on) if fallback is not None else frozenset()
         self.settings = settings
         self.final_options = final_options
         self.interim_options = interim_options
@@ -311,6 +358,10 @@ class Scheduler:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._fallback_task: asyncio.Task[None] | None = None
+        self._fallback_executor: ThreadPoolExecutor | None = None
+        self._fallback_wake: asyncio.Event | None = None
+        self._fallback_in_flight = 0
         self._stopping = False
         self._draining = False
         self._stopped = False
@@ -327,6 +378,8 @@ class Scheduler:
         self._ewma_batch: dict[JobKind, float | None] = dict.fromkeys(JobKind)
         self._ewma_window: dict[JobKind, float | None] = dict.fromkeys(JobKind)
         self._last_done: dict[JobKind, float] = dict.fromkeys(JobKind, time.monotonic())
+        self._fallback_completed: dict[str, int] = dict.fromkeys(FALLBACK_REASONS, 0)
+        self._fallback_failed: dict[str, int] = dict.fromkeys(FALLBACK_REASONS, 0)
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
@@ -340,6 +393,14 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_NAME_PREFIX)
         self._task = self._loop.create_task(self._run(), name="earshot-scheduler")
+        if self.fallback is not None:
+            self._fallback_wake = asyncio.Event()
+            self._fallback_executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=THREAD_NAME_PREFIX + "-fallback"
+            )
+            self._fallback_task = self._loop.create_task(
+                self._run_fallback(), name="earshot-scheduler-fallback"
+            )
 
     async def stop(self, *, drain: bool = False, timeout: float | None = None) -> None:
         """Stop accepting jobs, settle every future and end the worker thread.
@@ -366,26 +427,29 @@ class Scheduler:
             return
         if not drain:
             self._abort_queued()
-        assert self._wake is not None
-        self._wake.set()
+        self._wake_all()
+        tasks = [t for t in (task, self._fallback_task) if t is not None]
+        both = asyncio.gather(*tasks)
         finished = True
         if timeout is None:
-            await asyncio.shield(task)
+            await asyncio.shield(both)
         else:
             try:
-                await asyncio.wait_for(asyncio.shield(task), timeout)
+                await asyncio.wait_for(asyncio.shield(both), timeout)
             except asyncio.TimeoutError:
                 finished = False
                 log.warning("scheduler did not finish within %.1f s; abandoning its work", timeout)
-                task.cancel()
+                for t in tasks:
+                    t.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                    await asyncio.gather(*tasks, return_exceptions=True)
         self._abort_queued()
         self._stopped = True
-        if self._executor is not None:
-            # The pool's thread is idle when the batcher finished, so waiting is a
-            # prompt join; after a timeout it may be stuck in the backend, so don't.
-            self._executor.shutdown(wait=finished, cancel_futures=True)
+        for executor in (self._executor, self._fallback_executor):
+            if executor is not None:
+                # The pool's thread is idle when the batcher finished, so waiting is a
+                # prompt join; after a timeout it may be stuck in the backend, so don't.
+                executor.shutdown(wait=finished, cancel_futures=True)
 
     async def __aenter__(self) -> Scheduler:
         await self.start()
@@ -446,8 +510,14 @@ class Scheduler:
                 self._supersede(old)
             # Assigning to an existing key keeps its place in insertion order.
             self._interims[job.key] = _Entry(job, future, queued_at)
-        self._wake.set()
+        self._wake_all()
         return future
+
+    def _wake_all(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+        if self._fallback_wake is not None:
+            self._fallback_wake.set()
 
     def drop_interim(self, key: Hashable) -> bool:
         """Withdraw the queued INTERIM of ``key``, if any (its future resolves None).
@@ -494,6 +564,8 @@ class Scheduler:
             busy_seconds=self._busy_seconds,
             ewma_batch_seconds=dict(self._ewma_batch),
             ewma_window_seconds=dict(self._ewma_window),
+            fallback_completed=dict(self._fallback_completed),
+            fallback_failed=dict(self._fallback_failed),
         )
 
     def seconds_per_window(self, kind: JobKind) -> float:
@@ -557,6 +629,20 @@ class Scheduler:
             return True
         return self.estimated_wait(JobKind.FINAL) > self.settings.overload_final_wait_s
 
+    def fallback_available(self, reason: str) -> bool:
+        """Whether work may go to the fallback for ``reason`` now: one is
+        configured, ``reason`` is in ``fallback_on`` and the fallback says it
+        is available (its circuit is closed)."""
+        if self.fallback is None or reason not in self.fallback_on:
+            return False
+        available = getattr(self.fallback, "available", None)
+        return bool(available()) if callable(available) else True
+
+    def accepting(self) -> bool:
+        """Whether new streams and requests should be accepted: the local queue
+        is below its high watermark, or the fallback takes the overflow."""
+        return not self.is_overloaded() or self.fallback_available("overload")
+
     # -- the batcher -------------------------------------------------------
     async def _run(self) -> None:
         try:
@@ -575,6 +661,28 @@ class Scheduler:
             log.exception("decode scheduler failed; failing every queued job")
             self._stopping = True
             self._abort_queued()
+
+    async def _run_fallback(self) -> None:
+        """The second batcher: moves queued finals to the fallback while the
+        local queue is past its high watermark."""
+        assert self._fallback_wake is not None
+        try:
+            while True:
+                if self._stopping and not self._draining:
+                    return
+                if self._finals and self.is_overloaded() and self.fallback_available("overload"):
+                    batch = self._take(JobKind.FINAL)
+                    if batch:
+                        await self._decode(JobKind.FINAL, batch, fallback_reason="overload")
+                    continue
+                if self._stopping and not self._finals:
+                    return
+                self._fallback_wake.clear()
+                await self._fallback_wake.wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("fallback batcher failed; the local batcher goes on alone")
 
     async def _next_kind(self) -> JobKind | None:
         """Wait until a batch should be formed; its kind, or None to end."""
@@ -646,24 +754,41 @@ class Scheduler:
                 batch.append(entry)
         return batch
 
-    async def _decode(self, kind: JobKind, batch: list[_Entry]) -> None:
-        assert self._loop is not None and self._executor is not None
+    async def _decode(
+        self,
+        kind: JobKind,
+        batch: list[_Entry],
+        *,
+        fallback_reason: str | None = None,
+        local_error: BaseException | None = None,
+    ) -> None:
+        """Decode ``batch`` on the local backend, or on the fallback when
+        ``fallback_reason`` is given, and settle every job's future."""
+        assert self._loop is not None
+        remote = fallback_reason is not None
+        backend = self.fallback if remote else self.backend
+        executor = self._fallback_executor if remote else self._executor
+        assert backend is not None and executor is not None
         windows = [entry.job.window for entry in batch]
         options = self.options_for(batch[0].job)
         started = time.monotonic()
         queue_seconds = tuple(started - (entry.job.submitted_at or started) for entry in batch)
-        self._in_flight, self._in_flight_kind, self._in_flight_started = tuple(batch), kind, started
+        if remote:
+            self._fallback_in_flight += len(batch)
+        else:
+            self._in_flight = tuple(batch)
+            self._in_flight_kind, self._in_flight_started = kind, started
         error: BaseException | None = None
         hyps: list[Hypothesis] = []
         try:
+            audit = f"remote fallback ({fallback_reason}), {len(batch)} windows" if remote else None
             hyps, seconds = await self._loop.run_in_executor(
-                self._executor, _timed_call, self.backend, windows, options
+                executor, _timed_call, backend, windows, options, audit
             )
             if not isinstance(hyps, list) or len(hyps) != len(batch):
                 got = len(hyps) if isinstance(hyps, list) else type(hyps).__name__
                 error = RuntimeError(
-                    f"backend {self.backend.name!r} returned {got} hypotheses for "
-                    f"{len(batch)} windows"
+                    f"backend {backend.name!r} returned {got} hypotheses for {len(batch)} windows"
                 )
         except Exception as exc:
             error = exc
@@ -677,29 +802,68 @@ class Scheduler:
                     self._aborted += 1
             raise
         finally:
-            self._in_flight = ()
+            if remote:
+                self._fallback_in_flight -= len(batch)
+            else:
+                self._in_flight = ()
+            self._wake_all()
 
-        self._batches[kind] += 1
-        self._busy_seconds += seconds
+        retry = (
+            error is not None
+            and not remote
+            and not isinstance(error, InvalidRequestError)
+            and self.fallback_available("failure")
+        )
+        if remote:
+            assert fallback_reason is not None
+            if error is None:
+                hyps = [
+                    replace(
+                        hyp,
+                        info={
+                            "backend": "remote",
+                            "name": backend.name,
+                            **hyp.info,
+                            "fallback": fallback_reason,
+                        },
+                    )
+                    for hyp in hyps
+                ]
+                self._fallback_completed[fallback_reason] += len(batch)
+            else:
+                self._fallback_failed[fallback_reason] += len(batch)
+        else:
+            self._batches[kind] += 1
+            self._busy_seconds += seconds
+            if error is None:
+                self._completed[kind] += len(batch)
+                self._observe(kind, len(batch), seconds)
+            else:
+                self._failed[kind] += len(batch)
+                self._failed_batches[kind] += 1
         if error is None:
             for entry, hyp in zip(batch, hyps, strict=True):
                 if not entry.future.done():
                     entry.future.set_result(hyp)
-            self._completed[kind] += len(batch)
-            self._observe(kind, len(batch), seconds)
         else:
             log.warning(
-                "%s batch of %d failed in backend %r: %s: %s",
+                "%s batch of %d failed in backend %r: %s: %s%s",
                 kind.value,
                 len(batch),
-                self.backend.name,
+                backend.name,
                 type(error).__name__,
                 error,
+                "; trying the fallback" if retry else "",
             )
-            for entry in batch:
-                _fail(entry.future, error)
-            self._failed[kind] += len(batch)
-            self._failed_batches[kind] += 1
+            if fallback_reason == "overload" and not self._stopped:
+                # Overflow the remote could not take goes back to the front of
+                # the local queue: late, but not lost.
+                live = [entry for entry in batch if not entry.future.done()]
+                self._finals.extendleft(reversed(live))
+                self._wake_all()
+            elif not retry:
+                for entry in batch:
+                    _fail(entry.future, local_error or error)
         if self.on_batch is not None:
             report = BatchReport(
                 kind=kind,
@@ -708,11 +872,17 @@ class Scheduler:
                 audio_seconds=sum(w.duration for w in windows),
                 queue_seconds=queue_seconds,
                 error=error,
+                backend=backend.name if remote else "local",
+                fallback_reason=fallback_reason,
             )
             try:
                 self.on_batch(report)
             except Exception:
                 log.exception("scheduler on_batch hook failed")
+        if retry:
+            live = [entry for entry in batch if not entry.future.done()]
+            if live:
+                await self._decode(kind, live, fallback_reason="failure", local_error=error)
 
     def _observe(self, kind: JobKind, size: int, seconds: float) -> None:
         self._last_done[kind] = time.monotonic()

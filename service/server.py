@@ -88,6 +88,14 @@ class ClientNotReadingError(EarshotError):
     ws_close_code = CLOSE_CLIENT_NOT_READING
 
 
+class ModelNotLocalError(EarshotError):
+    """On-prem-only mode: the model asked for would have to come from elsewhere."""
+
+    code = "model_not_local"
+    http_status = 400
+    ws_close_code = 4400
+
+
 class ServerFullError(EarshotError):
     code = "server_full"
     http_status = 503
@@ -151,7 +159,12 @@ class Engine:
         *,
         vad_model: FrameModel | None = None,
         vad_factory: Callable[[VadSettings], StreamingVad] | None = None,
+        fallback: Backend | None = None,
+        policy: dict[str, Any] | None = None,
     ) -> Engine:
+        """The engine for ``backend``; ``fallback`` (a remote backend) takes
+        work for the reasons in ``config.fallback_on``. ``policy`` is the
+        sovereignty policy clients are told (service/startup.py builds it)."""
         device = str(getattr(backend, "device", "cpu"))
         settings = SchedulerSettings(
             max_batch=config.max_batch or default_max_batch(device),
@@ -163,6 +176,8 @@ class Engine:
             settings,
             final_options=final_options(config),
             interim_options=interim_options(config),
+            fallback=fallback,
+            fallback_on=config.fallback_reasons if fallback is not None else frozenset(),
         )
         session_settings = SessionSettings(
             interim_step_s=config.interim_step_s,
@@ -177,12 +192,7 @@ class Engine:
             vad_model=vad_model,
             vad_factory=vad_factory,
             session_settings=session_settings,
-            policy={
-                "on_prem_only": False,
-                "remote_backends": [],
-                "audio_stored": False,
-                "transcripts_stored": False,
-            },
+            policy=policy if policy is not None else default_policy(config, fallback),
         )
 
     @property
@@ -192,6 +202,39 @@ class Engine:
     def client_provenance(self) -> dict[str, Any]:
         """The model's provenance as clients see it (no server file paths)."""
         return {k: v for k, v in self.backend.provenance().items() if k != "path"}
+
+    def result_provenance(self, info: dict[str, Any]) -> dict[str, Any]:
+        """What produced one final: the backend, the model by name and sha256,
+        and the options (by name: the ``decoding`` of the stream's Metadata).
+        ``info`` is the hypothesis' ``info`` (a remote's says which remote)."""
+        if info.get("backend") == "remote":
+            return {
+                "backend": "remote",
+                "remote": info.get("remote") or info.get("name"),
+                "model": info.get("remote_model"),
+                "fallback": info.get("fallback"),
+                "decoding": "final",
+            }
+        prov = self.backend.provenance()
+        return {
+            "backend": "local",
+            "model": self.model_name,
+            "model_sha256": prov.get("model_sha256") or prov.get("sha256"),
+            "decoding": "final",
+        }
+
+    def live_policy(self) -> dict[str, Any]:
+        """The stated policy plus the fallback's state now (``GET /v1/policy``)."""
+        state: dict[str, Any] = {"accepting": self.scheduler.accepting()}
+        fallback = self.scheduler.fallback
+        if fallback is not None:
+            state["fallback_available"] = self.scheduler.fallback_available("overload") or (
+                self.scheduler.fallback_available("failure")
+            )
+            state["fallback_circuit"] = getattr(fallback, "circuit_state", None)
+            stats = self.scheduler.stats()
+            state["fallback_jobs"] = stats.fallback_completed
+        return {**self.policy, "state": state}
 
     def warm_up(self) -> float:
         """Decode one second of silence with the interim and the final options,
@@ -209,6 +252,21 @@ class Engine:
             "interim": self.scheduler.interim_options.to_dict(),
             "max_batch": self.scheduler.settings.max_batch,
         }
+
+
+def default_policy(config: Config, fallback: Backend | None) -> dict[str, Any]:
+    """The stated policy of an engine built without one (tests, embedding)."""
+    return {
+        "on_prem_only": config.on_prem_only,
+        "remote_backends": [fallback.provenance()] if fallback is not None else [],
+        "fallback": {
+            "enabled": fallback is not None,
+            "on": sorted(config.fallback_reasons) if fallback is not None else [],
+        },
+        "audio_stored": False,
+        "transcripts_stored": False,
+        "transcripts_in_logs": config.log_transcripts,
+    }
 
 
 ENGINE = web.AppKey("engine", Engine)
@@ -232,8 +290,18 @@ def _check_model(engine: Engine, params: StreamParams) -> None:
     name = params.model
     if name is None or name == engine.model_name or name in _DEEPGRAM_TIERS:
         return
-    if lookup(name) is None:
+    remote = engine.scheduler.fallback
+    remote_model = getattr(getattr(remote, "settings", None), "model", None)
+    if lookup(name) is None and name != remote_model:
         return
+    if engine.config.on_prem_only:
+        raise ModelNotLocalError(
+            f"model {name!r} is not on this server, and on-prem-only mode neither "
+            f"downloads models nor sends audio to a remote one; this server runs "
+            f"{engine.model_name!r}",
+            field="model",
+            served=engine.model_name,
+        )
     raise ModelUnavailableError(
         f"model {name!r} is not served here; this server runs {engine.model_name!r}",
         field="model",
@@ -275,6 +343,7 @@ class LiveStream:
         self._stop_waiter: asyncio.Future[Any] | None = None
         self.finished = asyncio.Event()
         self.finals_sent = 0
+        self.backends_used: Counter[str] = Counter()
 
     def stop(self) -> None:
         """Ask the stream to end as at a server shutdown (see Engine.shut_down)."""
@@ -328,6 +397,9 @@ class LiveStream:
                 continue
             if isinstance(ev, TranscriptEvent) and ev.is_final:
                 self.finals_sent += 1
+                ev.extra["provenance"] = self.engine.result_provenance(
+                    ev.extra.get("backend") or {}
+                )
                 log.debug(
                     "final",
                     extra={
@@ -367,9 +439,37 @@ class LiveStream:
             log.warning("decode failed: %s", err, extra={"session": self.request_id})
         else:
             hyp = fut.result()
+        if hyp is not None:
+            self._note_backend(hyp)
         self._emit(self.session.on_result(req, hyp, err))
         if self.session.pending_finals == 0:
             self._finals_done.set()
+
+    def _note_backend(self, hyp: Hypothesis) -> None:
+        """Count which backend decoded; the first remote result of the stream
+        is announced (a log line, and a Warning to clients that asked)."""
+        remote = hyp.info.get("backend") == "remote"
+        name = str(hyp.info.get("name") or "remote") if remote else "local"
+        first = remote and not any(n != "local" for n in self.backends_used)
+        self.backends_used[name] += 1
+        if first:
+            reason = str(hyp.info.get("fallback") or "")
+            log.warning(
+                "stream uses the remote fallback %s (%s)",
+                name,
+                reason,
+                extra={"session": self.request_id, "backend": name, "reason": reason},
+            )
+            self._emit(
+                [
+                    WarningEvent(
+                        "remote_fallback",
+                        f"results of this stream now also come from the remote backend {name} "
+                        f"({reason}); each such result says so in earshot.provenance",
+                        {"backend": name, "reason": reason},
+                    )
+                ]
+            )
 
     def _interims_allowed(self, channel: int) -> bool:
         return self.engine.scheduler.should_submit_interim((self.request_id, channel))
@@ -534,6 +634,7 @@ class LiveStream:
                 policy=self.engine.policy,
                 decoding=self.engine.decoding(),
                 duration=self.session.received_seconds,
+                backends=dict(self.backends_used),
             )
         )
 
@@ -566,7 +667,7 @@ async def handle_listen(request: web.Request) -> web.StreamResponse:
             ),
             headers={"Retry-After": "5"},
         )
-    if engine.scheduler.is_overloaded():
+    if not engine.scheduler.accepting():
         return refuse(
             ServerFullError("the decode queue is past its high watermark (max_queue)"),
             headers={"Retry-After": "2"},
@@ -621,9 +722,14 @@ async def handle_health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "version": __version__})
 
 
+async def handle_policy(request: web.Request) -> web.Response:
+    """``GET /v1/policy``: the sovereignty policy in force, and its state now."""
+    return web.json_response(request.app[ENGINE].live_policy())
+
+
 async def handle_ready(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    ready = not engine.shutting_down and not engine.scheduler.is_overloaded()
+    ready = not engine.shutting_down and engine.scheduler.accepting()
     return web.json_response(
         {"ready": ready, "active_streams": engine.active_streams},
         status=200 if ready else 503,
@@ -639,6 +745,9 @@ def create_app(engine: Engine) -> web.Application:
         await engine.scheduler.start()
         yield
         await engine.scheduler.stop()
+        close = getattr(engine.scheduler.fallback, "close", None)
+        if callable(close):
+            await asyncio.to_thread(close)
 
     app.cleanup_ctx.append(lifecycle)
 
@@ -649,6 +758,7 @@ def create_app(engine: Engine) -> web.Application:
     app.router.add_get("/v1/listen", handle_listen)
     app.router.add_get("/healthz", handle_health)
     app.router.add_get("/readyz", handle_ready)
+    app.router.add_get("/v1/policy", handle_policy)
     # Imported here: these modules import this one.
     from clients.web import register_demo_routes
     from service.auth import register_auth

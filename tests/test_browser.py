@@ -274,9 +274,7 @@ def test_a_wrong_key_shows_the_servers_message(page: Any, server: ServerThread) 
     page.locator("#notice", has_text="missing API key").wait_for(timeout=WAIT_MS)
 
 
-def test_a_foreign_origin_is_explained(
-    page: Any, server: ServerThread, tmp_path: Path
-) -> None:
+def test_a_foreign_origin_is_explained(page: Any, server: ServerThread, tmp_path: Path) -> None:
     # The same server under another name (as a rebound DNS name would reach
     # it): the websocket's Origin is not the server's own, and not allowed.
     audio, _ = make_speech([["kilo"]], 16000)

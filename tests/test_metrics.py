@@ -1,6 +1,6 @@
 """Prometheus metrics: /metrics on a real loopback server with real streaming
 clients and the tone backend, plus the calls server.py does not make yet
-(refusals, session tracking, fallback), simulated on the Metrics object."""
+(session tracking, the fallback's batch reports), simulated on the Metrics object."""
 
 from __future__ import annotations
 
@@ -258,5 +258,11 @@ def test_scrape_time_values_sessions_and_fallback() -> None:
     assert value(s, "earshot_stream_lag_max_seconds") == 0.5
     assert value(s, "earshot_audio_received_seconds_total") == 6.0
 
-    metrics.fallback_used("remote")
-    assert value(scrape_local(metrics), "earshot_fallback_uses_total", backend="remote") == 1
+    report = BatchReport(
+        JobKind.FINAL, 3, 0.2, 4.5, (0.0, 0.1, 0.1), backend="remote:x", fallback_reason="overload"
+    )
+    metrics.observe_batch(report)
+    fallback = value(
+        scrape_local(metrics), "earshot_fallback_uses_total", backend="remote:x", reason="overload"
+    )
+    assert fallback == 3

@@ -12,6 +12,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -628,3 +629,172 @@ class _ProbeBackend:
 
 def _window() -> Window:
     return Window(np.zeros(1600, np.float32))
+
+
+# -- the fallback ---------------------------------------------------------------
+
+
+class FallbackBackend(FakeBackend):
+    """A FakeBackend with a circuit breaker's ``available()`` switch."""
+
+    name = "remote:fake"
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.up = True
+
+    def available(self) -> bool:
+        return self.up
+
+    def transcribe_batch(
+        self, windows: Sequence[Window], options: DecodeOptions
+    ) -> list[Hypothesis]:
+        # Unlike the local fake, it decodes "boom" windows fine.
+        renamed = [replace(w, prompt=(w.prompt or "").replace("boom", "BOOM")) for w in windows]
+        hyps = super().transcribe_batch(renamed, options)
+        return [replace(h, text=h.text.replace("BOOM", "boom")) for h in hyps]
+
+
+def make_with_fallback(
+    local: FakeBackend,
+    fallback: FakeBackend,
+    fallback_on: frozenset[str] = frozenset({"overload", "failure"}),
+    reports: list[BatchReport] | None = None,
+    **settings: Any,
+) -> Scheduler:
+    settings.setdefault("max_wait_ms", 0.0)
+    return Scheduler(
+        local,
+        SchedulerSettings(**settings),
+        final_options=FINAL_OPTIONS,
+        interim_options=INTERIM_OPTIONS,
+        on_batch=None if reports is None else reports.append,
+        fallback=fallback,
+        fallback_on=fallback_on,
+    )
+
+
+def test_overflow_goes_to_the_fallback_finals_only_and_is_marked() -> None:
+    async def main() -> None:
+        local, remote = FakeBackend(gated=True), FallbackBackend()
+        reports: list[BatchReport] = []
+        async with make_with_fallback(
+            local, remote, reports=reports, max_batch=2, max_queue=3
+        ) as sched:
+            await hold_first_batch(sched, local)
+            interims = [sched.submit(job(INTERIM, f"i{i}")) for i in range(2)]
+            finals = [sched.submit(job(FINAL, f"f{i}")) for i in range(4)]
+            # Queue: 2 interims + 4 finals, past max_queue 3: finals overflow
+            # to the fallback until the queue is back under the watermark.
+            await until(lambda: not sched.is_overloaded())
+            local.release()
+            results = await asyncio.gather(*finals, *interims)
+        remote_prompts = [p for prompts, _ in remote.calls for p in prompts]
+        assert remote_prompts == ["f0", "f1", "f2", "f3"][: len(remote_prompts)]
+        assert 1 <= len(remote_prompts) <= 4
+        assert not any(p.startswith("i") for p in remote_prompts)
+        by_text = {r.text: r for r in results if r is not None}
+        for p in remote_prompts:
+            info = by_text[p].info
+            assert info["fallback"] == "overload" and info["backend"] == "remote"
+            assert info["name"] == "remote:fake"
+        for r in results:
+            if r is not None and r.text not in remote_prompts:
+                assert "fallback" not in r.info
+        stats = sched.stats()
+        assert stats.fallback_completed["overload"] == len(remote_prompts)
+        assert stats.completed[FINAL] == 4 - len(remote_prompts)
+        fallback_reports = [r for r in reports if r.fallback_reason == "overload"]
+        assert sum(r.size for r in fallback_reports) == len(remote_prompts)
+        assert {r.backend for r in fallback_reports} == {"remote:fake"}
+
+    run(main())
+
+
+def test_no_fallback_while_it_is_unavailable_or_not_enabled() -> None:
+    async def main(remote: FallbackBackend, fallback_on: frozenset[str]) -> Scheduler:
+        local = FakeBackend(gated=True)
+        async with make_with_fallback(
+            local, remote, fallback_on, max_batch=2, max_queue=1
+        ) as sched:
+            await hold_first_batch(sched, local)
+            finals = [sched.submit(job(FINAL, f"f{i}")) for i in range(3)]
+            await asyncio.sleep(0.1)
+            assert sched.is_overloaded() and not sched.accepting()
+            local.release()
+            await asyncio.gather(*finals)
+        return sched
+
+    down = FallbackBackend()
+    down.up = False
+    run(main(down, frozenset({"overload"})))
+    assert down.calls == []
+    unused = FallbackBackend()
+    run(main(unused, frozenset({"failure"})))
+    assert unused.calls == []
+
+
+def test_a_failed_local_batch_is_decoded_again_on_the_fallback() -> None:
+    async def main() -> tuple[list[Any], Scheduler]:
+        local, remote = FakeBackend(), FallbackBackend()
+        async with make_with_fallback(local, remote, frozenset({"failure"})) as sched:
+            results = await asyncio.gather(sched.submit(job(FINAL, "boom-1")))
+        return list(results), sched
+
+    results, sched = run(main())
+    assert results[0].text == "boom-1"  # the fake answers with the prompt
+    assert results[0].info["fallback"] == "failure"
+    stats = sched.stats()
+    assert stats.failed[FINAL] == 1 and stats.fallback_completed["failure"] == 1
+
+
+def test_when_the_fallback_fails_too_the_local_error_is_reported() -> None:
+    class Broken(FallbackBackend):
+        def transcribe_batch(
+            self, windows: Sequence[Window], options: DecodeOptions
+        ) -> list[Hypothesis]:
+            self.calls.append(([w.prompt or "" for w in windows], options))
+            raise ConnectionError("remote down")
+
+    async def main() -> Scheduler:
+        local, remote = FakeBackend(), Broken()
+        async with make_with_fallback(local, remote, frozenset({"failure"})) as sched:
+            with pytest.raises(ValueError, match="boom"):
+                await sched.submit(job(FINAL, "boom-2"))
+        assert len(remote.calls) == 1
+        return sched
+
+    sched = run(main())
+    assert sched.stats().fallback_failed["failure"] == 1
+
+
+def test_fallback_reasons_are_checked() -> None:
+    with pytest.raises(ConfigError, match="fallback_on"):
+        make_with_fallback(FakeBackend(), FallbackBackend(), frozenset({"always"}))
+
+
+def test_overflow_the_fallback_fails_goes_back_to_the_local_queue() -> None:
+    class Down(FallbackBackend):
+        def transcribe_batch(
+            self, windows: Sequence[Window], options: DecodeOptions
+        ) -> list[Hypothesis]:
+            self.calls.append(([w.prompt or "" for w in windows], options))
+            self.up = False  # as a circuit breaker would open
+            raise ConnectionError("remote down")
+
+    async def main() -> tuple[list[Any], Down, Scheduler]:
+        local, remote = FakeBackend(gated=True), Down()
+        async with make_with_fallback(local, remote, max_batch=1, max_queue=2) as sched:
+            await hold_first_batch(sched, local)
+            finals = [sched.submit(job(FINAL, f"f{i}")) for i in range(3)]
+            await until(lambda: len(remote.calls) == 1)
+            local.release()
+            results = await asyncio.gather(*finals)
+        return list(results), remote, sched
+
+    results, remote, sched = run(main())
+    assert [r.text for r in results] == ["f0", "f1", "f2"]
+    assert all("fallback" not in r.info for r in results)
+    assert remote.calls[0][0] == ["f0"]
+    stats = sched.stats()
+    assert stats.fallback_failed["overload"] == 1 and stats.completed[FINAL] == 3
