@@ -10,6 +10,7 @@ a few fast streams push the local queue past its high watermark.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import shutil
@@ -20,7 +21,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from aiohttp import ClientSession
+import soundfile as sf
+from aiohttp import ClientSession, FormData
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients.stream import encode_audio, transcribe_stream
@@ -264,6 +266,9 @@ def test_on_prem_only_without_a_remote_under_overload_sends_nothing_anywhere() -
     speech, _ = make_speech(random_script(8, (2, 3), seed=7), 16000, gap_s=0.8)
     pcm = encode_audio(speech, "linear16")
     chunks: list[bytes | str | float] = [pcm[i : i + 3200] for i in range(0, len(pcm), 3200)]
+    buffer = io.BytesIO()
+    sf.write(buffer, speech[: 16000 * 2], 16000, format="WAV", subtype="PCM_16")
+    wav = buffer.getvalue()
 
     with fake_remote() as remote:
         engine = slow_engine(
@@ -278,20 +283,27 @@ def test_on_prem_only_without_a_remote_under_overload_sends_nothing_anywhere() -
                     for q in ("encoding=linear16&sample_rate=16000&warnings=true",) * 3
                 ]
                 refused: list[tuple[int, dict[str, Any]]] = []
+                posted: list[tuple[int, dict[str, Any]]] = []
                 async with ClientSession() as http:
                     for _ in range(100):
                         await asyncio.sleep(0.05)
                         async with http.get(url + "/v1/listen") as resp:
-                            if resp.status == 503:
-                                refused.append((resp.status, await resp.json()))
-                        async with http.get(url + "/readyz") as resp:
-                            if refused and resp.status == 503:
-                                break
-                return await asyncio.gather(*streams), refused
+                            if resp.status != 503:
+                                continue
+                            refused.append((resp.status, await resp.json()))
+                        # Overloaded now: an HTTP API request gets 503 as well.
+                        form = FormData()
+                        form.add_field("model", "whisper-1")
+                        form.add_field("file", wav, filename="a.wav")
+                        async with http.post(url + "/v1/audio/transcriptions", data=form) as resp:
+                            posted.append((resp.status, await resp.json()))
+                        break
+                return await asyncio.gather(*streams), refused, posted
 
-        outcomes, refused = run(main)
+        outcomes, refused, posted = run(main)
         assert remote.bytes_received == 0
     assert refused and refused[0][1]["code"] == "server_full"
+    assert posted[0][0] == 503 and posted[0][1]["error"]["code"] == "server_full"
     for messages, code in outcomes:
         assert code == 4429
         errors = [m for m in messages if m["type"] == "Error"]
@@ -320,9 +332,14 @@ def test_the_policy_is_stated_in_metadata_models_and_policy_endpoint() -> None:
                 messages, _ = await raw_stream(ws, ['{"type": "CloseStream"}'])
                 async with http.get(ws.replace("ws://", "http://") + "?model=large-v3") as resp:
                     remote_only = resp.status, await resp.json()
-                return policy, models, messages, remote_only
+                form = FormData()
+                form.add_field("model", "large-v3")
+                form.add_field("file", b"RIFF", filename="a.wav")
+                async with http.post(url + "/v1/audio/transcriptions", data=form) as resp:
+                    over_http = resp.status, await resp.json()
+                return policy, models, messages, remote_only, over_http
 
-        policy, models, messages, (status, body) = run(main)
+        policy, models, messages, (status, body), (http_status, http_body) = run(main)
         assert remote.bytes_received == 0
     assert policy["on_prem_only"] is True
     assert policy["remote_backends"][0]["inside_allowed_networks"] is True
@@ -333,6 +350,7 @@ def test_the_policy_is_stated_in_metadata_models_and_policy_endpoint() -> None:
     assert all(m["earshot"]["policy"] == stated for m in models["data"])
     # A model this server would have to fetch is refused with its own code.
     assert status == 400 and body["code"] == "model_not_local"
+    assert http_status == 400 and http_body["error"]["code"] == "model_not_local"
 
 
 # -- the model's integrity -------------------------------------------------------------
