@@ -98,6 +98,9 @@ def job(kind: JobKind, prompt: str, key: object = None) -> DecodeJob:
 def make(
     backend: FakeBackend,
     on_batch: Callable[[BatchReport], None] | None = None,
+    *,
+    fallback: FakeBackend | None = None,
+    fallback_on: frozenset[str] = frozenset(),
     **settings: Any,
 ) -> Scheduler:
     settings.setdefault("max_wait_ms", 0.0)
@@ -107,6 +110,8 @@ def make(
         final_options=FINAL_OPTIONS,
         interim_options=INTERIM_OPTIONS,
         on_batch=on_batch,
+        fallback=fallback,
+        fallback_on=fallback_on,
     )
 
 
@@ -655,23 +660,18 @@ class FallbackBackend(FakeBackend):
         return [replace(h, text=h.text.replace("BOOM", "boom")) for h in hyps]
 
 
+BOTH = frozenset({"overload", "failure"})
+
+
 def make_with_fallback(
     local: FakeBackend,
     fallback: FakeBackend,
-    fallback_on: frozenset[str] = frozenset({"overload", "failure"}),
+    fallback_on: frozenset[str] = BOTH,
     reports: list[BatchReport] | None = None,
     **settings: Any,
 ) -> Scheduler:
-    settings.setdefault("max_wait_ms", 0.0)
-    return Scheduler(
-        local,
-        SchedulerSettings(**settings),
-        final_options=FINAL_OPTIONS,
-        interim_options=INTERIM_OPTIONS,
-        on_batch=None if reports is None else reports.append,
-        fallback=fallback,
-        fallback_on=fallback_on,
-    )
+    hook = None if reports is None else reports.append
+    return make(local, hook, fallback=fallback, fallback_on=fallback_on, **settings)
 
 
 def test_overflow_goes_to_the_fallback_finals_only_and_is_marked() -> None:
