@@ -10,6 +10,12 @@
 # Models are not baked in: bring one into the volume first, e.g.
 #   docker run --rm -v earshot-models:/models earshot models pull base        (hub reachable)
 #   docker run --rm -v earshot-models:/models -v /path/to/model:/in:ro earshot models import /in --name base
+# On-prem-only mode (docs/sovereignty.md): add
+#   -e EARSHOT_ON_PREM_ONLY=1 -e EARSHOT_ALLOWED_NETWORKS=10.0.0.0/8
+# the egress audit log is then /home/earshot/.local/share/earshot/egress-audit.jsonl
+# (or EARSHOT_AUDIT_LOG=- for the container's stderr).
+# The demo page at / needs its address as an allowed origin when opened from
+# another machine: -e EARSHOT_ALLOWED_ORIGINS=https://asr.example.internal
 # (GPU images come with the deployment work: CTranslate2 4.8 needs CUDA 12's cuBLAS.)
 
 FROM python:3.11-slim-bookworm AS build

@@ -399,3 +399,58 @@ def test_remote_backend_is_built_only_when_configured() -> None:
     assert isinstance(remote, RemoteBackend)
     assert remote.base_url == "http://10.0.0.5:8000/v1" and remote.requests_sent == 0
     remote.close()
+
+
+def test_earshot_serve_on_prem_only_serves_and_audits(
+    micro_model: Path, testdata: Path, tmp_path: Path
+) -> None:
+    """The real process in on-prem-only mode: it starts with its guard, serves
+    a stream and answers /v1/policy; nothing it did reached beyond loopback."""
+    import signal
+    import urllib.request
+
+    from service.audiofile import load_audio
+    from tests.kit.paths import audio_dir
+    from tests.test_shutdown import free_port, wait_healthy
+
+    port = free_port()
+    audit = tmp_path / "audit.jsonl"
+    log = (tmp_path / "server.log").open("wb")
+    flags = ["--model", str(micro_model), "--port", str(port), "--device", "cpu"]
+    flags += ["--on-prem-only", "--allowed-networks", "10.20.0.0/16", "--audit-log", str(audit)]
+    proc = subprocess.Popen(
+        [*CLI, "serve", *flags],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_healthy(port, proc)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/policy", timeout=10) as resp:
+            policy = json.loads(resp.read())
+        speech = load_audio(audio_dir() / "librispeech" / "1089-134686-0000.flac").samples
+        result = asyncio.run(
+            asyncio.wait_for(
+                transcribe_stream(
+                    f"ws://127.0.0.1:{port}/v1/listen", speech[: 16000 * 4], realtime=False
+                ),
+                60,
+            )
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert policy["on_prem_only"] is True and policy["hub_downloads"] == "refused"
+    assert policy["egress_guard"]["enforcing"] is True
+    assert "10.20.0.0/16" in policy["allowed_networks"]
+    assert policy["model_record_verified"] is None  # a plain folder: nothing to compare
+    assert result.close_code == 1000 and result.finals[0]
+    assert result.metadata is not None
+    assert result.metadata["earshot"]["policy"]["on_prem_only"] is True
+    # The audit log exists and records no connection outside loopback: there was none.
+    assert audit.exists()
+    assert audit.read_text() == ""
