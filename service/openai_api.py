@@ -41,6 +41,7 @@ from aiohttp import BodyPartReader, web
 
 from models.backend import SAMPLE_RATE, DecodeOptions, Hypothesis, Window
 from models.catalog import lookup
+from models.languages import language_name
 from models.vad import VadSettings, segment_speech
 from service.audiofile import load_audio
 from service.batch import pieces_from_spans, segments_on_clock
@@ -471,7 +472,7 @@ def _verbose(
     temperature = engine.scheduler.final_options.temperature
     body: dict[str, Any] = {
         "task": task,
-        "language": _language_name(lang),
+        "language": language_name(lang),
         "duration": round(duration, 3),
         "text": transcript.text,
     }
@@ -499,27 +500,6 @@ def _verbose(
         ]
     body["usage"] = {"type": "duration", "seconds": round(duration, 3)}
     return body
-
-
-# Whisper's verbose_json names the language in English; codes we cannot name stay codes.
-_LANGUAGE_NAMES = {
-    "en": "english",
-    "de": "german",
-    "fr": "french",
-    "es": "spanish",
-    "it": "italian",
-    "nl": "dutch",
-    "pt": "portuguese",
-    "pl": "polish",
-    "ru": "russian",
-    "ja": "japanese",
-    "zh": "chinese",
-    "ko": "korean",
-}
-
-
-def _language_name(code: str) -> str:
-    return _LANGUAGE_NAMES.get(code, code)
 
 
 def _earshot_info(

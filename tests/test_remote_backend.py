@@ -18,6 +18,7 @@ import pytest
 import soundfile as sf
 
 from models.backend import SAMPLE_RATE, Backend, DecodeOptions, Window
+from models.languages import LANGUAGE_NAMES, language_code, language_name
 from models.remote import (
     RemoteBackend,
     RemoteBadResponseError,
@@ -26,7 +27,6 @@ from models.remote import (
     RemoteSettings,
     RemoteUnavailableError,
     hypothesis_from_verbose,
-    language_code,
     parse_remote,
     redact_url,
     remote_prompt,
@@ -192,6 +192,15 @@ def test_language_names_and_codes() -> None:
     assert language_code("pt-BR") == "pt"
     assert language_code("klingon") is None
     assert language_code("") is None and language_code(None) is None
+    assert language_name("de") == "german" and language_name("xx") == "xx"
+
+
+def test_every_whisper_language_has_a_name() -> None:
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    assert set(_LANGUAGE_CODES) == set(LANGUAGE_NAMES)
+    for code, name in LANGUAGE_NAMES.items():
+        assert language_code(name) == code
 
 
 def test_verbose_json_variants() -> None:
