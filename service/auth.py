@@ -29,7 +29,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
 from clients.web import DEMO_PATHS
-from service.config import Config
+from service.config import Config, split_list
 from service.errors import ConfigError, EarshotError
 from service.protocol import error_message
 
@@ -79,7 +79,7 @@ def parse_keys_text(text: str) -> list[str]:
 def load_api_keys(config: Config) -> tuple[str, ...]:
     """Every configured key, from ``api_keys`` and ``api_keys_file``
     (duplicates dropped). Raises ConfigError if the file cannot be read."""
-    keys = [k.strip() for k in config.api_keys.split(",") if k.strip()]
+    keys = split_list(config.api_keys)
     if config.api_keys_file:
         path = Path(config.api_keys_file)
         try:
@@ -105,7 +105,7 @@ def key_matches(candidate: str, keys: Sequence[str]) -> bool:
 
 
 def _parse_origins(raw: str) -> frozenset[str]:
-    return frozenset(o.strip().rstrip("/").lower() for o in raw.split(",") if o.strip())
+    return frozenset(o.rstrip("/").lower() for o in split_list(raw))
 
 
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})

@@ -141,7 +141,7 @@ class Config:
 
     @property
     def fallback_reasons(self) -> frozenset[str]:
-        return frozenset(_split(self.fallback_on))
+        return frozenset(split_list(self.fallback_on))
 
 
 def _convert(name: str, kind: Any, raw: Any) -> Any:
@@ -170,7 +170,7 @@ def _convert(name: str, kind: Any, raw: Any) -> Any:
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def _split(value: str) -> list[str]:
+def split_list(value: str) -> list[str]:
     """The items of a comma-separated setting, stripped, without empty ones."""
     return [item.strip() for item in value.split(",") if item.strip()]
 
@@ -199,7 +199,7 @@ def _validate(cfg: Config) -> Config:
         ("log_format", cfg.log_format in ("json", "text"), "json or text"),
         (
             "fallback_on",
-            set(_split(cfg.fallback_on)) <= {"overload", "failure"},
+            set(split_list(cfg.fallback_on)) <= {"overload", "failure"},
             "a comma-separated list of overload, failure",
         ),
         ("remote_timeout_s", cfg.remote_timeout_s > 0, "above 0"),

@@ -40,7 +40,6 @@ import numpy as np
 from aiohttp import BodyPartReader, web
 
 from models.backend import SAMPLE_RATE, DecodeOptions, Hypothesis, Window
-from models.catalog import lookup
 from models.languages import language_name
 from models.vad import VadSettings, segment_speech
 from service.audiofile import load_audio
@@ -49,8 +48,15 @@ from service.errors import EarshotError, InvalidRequestError
 from service.formats import TimedSegment, Transcript, to_srt, to_vtt
 from service.guards import compression_ratio, drop_reason
 from service.metrics import METRICS
+from service.protocol import ModelUnavailableError
 from service.scheduler import DecodeJob, JobKind, SchedulerStoppedError
-from service.server import ENGINE, Engine
+from service.server import (
+    ENGINE,
+    Engine,
+    ServerFullError,
+    backend_label,
+    check_model_name,
+)
 
 log = logging.getLogger("earshot.http")
 
@@ -82,24 +88,9 @@ class AudioTooLongError(EarshotError):
     http_status = 413
 
 
-class ModelNotLocalError(EarshotError):
-    code = "model_not_local"
-    http_status = 400
-
-
-class ModelNotAvailableError(EarshotError):
-    code = "model_not_available"
-    http_status = 400
-
-
 class TranslationUnavailableError(EarshotError):
     code = "translation_unavailable"
     http_status = 400
-
-
-class OverloadedError(EarshotError):
-    code = "server_full"
-    http_status = 503
 
 
 class DecodeFailedError(EarshotError):
@@ -142,31 +133,10 @@ def openai_error(
 
 
 def resolve_model(engine: Engine, name: str | None) -> str:
-    """The served model's name for the requested ``name``.
-
-    OpenAI's names, the served model's own name and names Earshot does not
-    know (other vendors' tiers) mean the served model; another Whisper model
-    of the catalogue is refused with ``model_not_available``.
-    """
-    served = engine.model_name
-    remote = getattr(getattr(engine.scheduler.fallback, "settings", None), "model", None)
-    if not name or name == served or name in OPENAI_MODEL_ALIASES:
-        return served
-    if lookup(name) is None and name != remote:
-        return served
-    if engine.config.on_prem_only:
-        raise ModelNotLocalError(
-            f"model {name!r} is not on this server, and on-prem-only mode neither downloads "
-            f"models nor sends audio to a remote one; this server runs {served!r}",
-            field="model",
-            served=served,
-        )
-    raise ModelNotAvailableError(
-        f"model {name!r} is not served here; this server runs {served!r} "
-        f"(OpenAI's names {', '.join(OPENAI_MODEL_ALIASES)} also mean it)",
-        field="model",
-        served=served,
-    )
+    """The served model's name for the requested ``name`` (see
+    :func:`service.server.check_model_name`): OpenAI's names mean it too."""
+    hint = f" (OpenAI's names {', '.join(OPENAI_MODEL_ALIASES)} also mean it)"
+    return check_model_name(engine, name or None, OPENAI_MODEL_ALIASES, hint)
 
 
 def _model_ids(engine: Engine) -> list[str]:
@@ -203,7 +173,7 @@ async def handle_model(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     model_id = request.match_info["model_id"]
     if model_id not in _model_ids(engine):
-        err = ModelNotAvailableError(
+        err = ModelUnavailableError(
             f"model {model_id!r} is not served here; this server runs {engine.model_name!r}",
             field="model",
             served=engine.model_name,
@@ -529,13 +499,7 @@ def _render(
     results: Sequence[PieceResult],
     task: str,
 ) -> web.Response:
-    used = {
-        str(r.hypothesis.info.get("name") or "remote")
-        if r.hypothesis.info.get("backend") == "remote"
-        else "local"
-        for r in results
-        if r.hypothesis is not None
-    }
+    used = {backend_label(r.hypothesis.info) for r in results if r.hypothesis is not None}
     headers = {
         MODEL_HEADER: engine.model_name,
         "x-request-id": request_id,
@@ -627,7 +591,7 @@ async def _transcribe(request: web.Request, task: str) -> web.StreamResponse:
             raise SchedulerStoppedError("the server is shutting down; try another instance")
         options = _task_options(engine, task)
         if not engine.scheduler.accepting():
-            raise OverloadedError("the decode queue is past its high watermark (max_queue)")
+            raise ServerFullError("the decode queue is past its high watermark (max_queue)")
         req = await read_upload(request, cfg.max_upload_bytes)
         resolve_model(engine, req.model)
         language = req.language
@@ -658,8 +622,8 @@ async def _transcribe(request: web.Request, task: str) -> web.StreamResponse:
         if metrics is not None:
             metrics.refused(exc.code, exc.http_status)
         retry = None
-        if isinstance(exc, OverloadedError | SchedulerStoppedError):
-            retry = {"Retry-After": "2" if isinstance(exc, OverloadedError) else "5"}
+        if isinstance(exc, ServerFullError | SchedulerStoppedError):
+            retry = {"Retry-After": "2" if isinstance(exc, ServerFullError) else "5"}
         return openai_error(exc, engine, headers=retry)
     log.info(
         "%s request",

@@ -16,7 +16,7 @@ import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -60,6 +60,7 @@ from service.scheduler import (
     default_max_batch,
 )
 from service.session import FINAL, DecodeRequest, Output, SessionSettings, StreamSession
+from service.startup import stated_policy
 
 log = logging.getLogger("earshot.server")
 
@@ -164,7 +165,9 @@ class Engine:
     ) -> Engine:
         """The engine for ``backend``; ``fallback`` (a remote backend) takes
         work for the reasons in ``config.fallback_on``. ``policy`` is the
-        sovereignty policy clients are told (service/startup.py builds it)."""
+        sovereignty policy clients are told; by default the one
+        :func:`service.startup.stated_policy` states for ``config`` (``earshot
+        serve`` passes its own, with its egress guard and its model check)."""
         device = str(getattr(backend, "device", "cpu"))
         settings = SchedulerSettings(
             max_batch=config.max_batch or default_max_batch(device),
@@ -192,7 +195,14 @@ class Engine:
             vad_model=vad_model,
             vad_factory=vad_factory,
             session_settings=session_settings,
-            policy=policy if policy is not None else default_policy(config, fallback),
+            policy=policy
+            if policy is not None
+            else stated_policy(
+                config,
+                remote=fallback,
+                guard=None,
+                model_verified=backend.provenance().get("record_verified"),
+            ),
         )
 
     @property
@@ -254,21 +264,6 @@ class Engine:
         }
 
 
-def default_policy(config: Config, fallback: Backend | None) -> dict[str, Any]:
-    """The stated policy of an engine built without one (tests, embedding)."""
-    return {
-        "on_prem_only": config.on_prem_only,
-        "remote_backends": [fallback.provenance()] if fallback is not None else [],
-        "fallback": {
-            "enabled": fallback is not None,
-            "on": sorted(config.fallback_reasons) if fallback is not None else [],
-        },
-        "audio_stored": False,
-        "transcripts_stored": False,
-        "transcripts_in_logs": config.log_transcripts,
-    }
-
-
 ENGINE = web.AppKey("engine", Engine)
 
 
@@ -283,30 +278,44 @@ def json_error(
 _DEEPGRAM_TIERS = frozenset({"base"})
 
 
-def _check_model(engine: Engine, params: StreamParams) -> None:
-    """Deepgram's model names (nova-3, phonecall, ...) all mean the served
-    model; naming another Whisper model is refused rather than silently
-    answered by a different one."""
-    name = params.model
-    if name is None or name == engine.model_name or name in _DEEPGRAM_TIERS:
-        return
-    remote = engine.scheduler.fallback
-    remote_model = getattr(getattr(remote, "settings", None), "model", None)
-    if lookup(name) is None and name != remote_model:
-        return
+def check_model_name(
+    engine: Engine, name: str | None, aliases: Collection[str], hint: str = ""
+) -> str:
+    """The served model's name for a requested model ``name``.
+
+    None, the served model's own name, ``aliases`` (a client protocol's own
+    names for "the model", e.g. Deepgram's tiers or ``whisper-1``) and names
+    Earshot does not know mean the served model. Another Whisper model of the
+    catalogue, or the remote fallback's model, is refused rather than
+    silently answered by a different one: ``model_not_local`` in on-prem-only
+    mode, ``model_not_available`` otherwise (``hint`` is added to its message).
+    """
+    served = engine.model_name
+    if name is None or name == served or name in aliases:
+        return served
+    remote = getattr(getattr(engine.scheduler.fallback, "settings", None), "model", None)
+    if lookup(name) is None and name != remote:
+        return served
     if engine.config.on_prem_only:
         raise ModelNotLocalError(
             f"model {name!r} is not on this server, and on-prem-only mode neither "
-            f"downloads models nor sends audio to a remote one; this server runs "
-            f"{engine.model_name!r}",
+            f"downloads models nor sends audio to a remote one; this server runs {served!r}",
             field="model",
-            served=engine.model_name,
+            served=served,
         )
     raise ModelUnavailableError(
-        f"model {name!r} is not served here; this server runs {engine.model_name!r}",
+        f"model {name!r} is not served here; this server runs {served!r}{hint}",
         field="model",
-        served=engine.model_name,
+        served=served,
     )
+
+
+def backend_label(info: dict[str, Any]) -> str:
+    """Which backend produced a hypothesis, from its ``info``: ``"local"``, or
+    the remote fallback's name."""
+    if info.get("backend") == "remote":
+        return str(info.get("name") or "remote")
+    return "local"
 
 
 class LiveStream:
@@ -448,9 +457,8 @@ class LiveStream:
     def _note_backend(self, hyp: Hypothesis) -> None:
         """Count which backend decoded; the first remote result of the stream
         is announced (a log line, and a Warning to clients that asked)."""
-        remote = hyp.info.get("backend") == "remote"
-        name = str(hyp.info.get("name") or "remote") if remote else "local"
-        first = remote and not any(n != "local" for n in self.backends_used)
+        name = backend_label(hyp.info)
+        first = name != "local" and not any(n != "local" for n in self.backends_used)
         self.backends_used[name] += 1
         if first:
             reason = str(hyp.info.get("fallback") or "")
@@ -674,7 +682,7 @@ async def handle_listen(request: web.Request) -> web.StreamResponse:
         )
     try:
         params = parse_params(list(request.query.items()), default_language=_lang(cfg.language))
-        _check_model(engine, params)
+        check_model_name(engine, params.model, _DEEPGRAM_TIERS)
     except EarshotError as exc:
         return refuse(exc)
     ws = web.WebSocketResponse(

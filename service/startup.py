@@ -19,7 +19,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from models.backend import Backend
 from models.provenance import verify_folder
 from models.remote import RemoteBackend, RemoteSettings, parse_remote
 from service.config import Config
@@ -127,38 +129,38 @@ def build_egress_guard(cfg: Config) -> EgressGuard | None:
 def stated_policy(
     cfg: Config,
     *,
-    remote: RemoteBackend | None,
+    remote: Backend | None,
     guard: EgressGuard | None,
     model_verified: bool | None,
 ) -> dict[str, Any]:
-    """The sovereignty policy in force, as clients and auditors read it."""
+    """The sovereignty policy in force, as clients and auditors read it.
+
+    ``remote`` is the fallback backend (its provenance names it),
+    ``model_verified`` whether the model's files matched their record (None:
+    no record)."""
     allowed = AllowedNetworks(cfg.allowed_networks)
     remotes: list[dict[str, Any]] = []
     if remote is not None:
+        prov = remote.provenance()
+        host = urlsplit(str(prov.get("base_url", ""))).hostname
         remotes.append(
             {
                 "name": remote.name,
-                "base_url": remote.base_url,
-                "model": remote.settings.model,
-                "inside_allowed_networks": allowed.contains_host(
-                    remote.settings.destination.rsplit(":", 1)[0].strip("[]")
-                ),
+                "base_url": prov.get("base_url"),
+                "model": prov.get("model"),
+                "inside_allowed_networks": allowed.contains_host(host) if host else None,
                 "used_for": sorted(cfg.fallback_reasons),
             }
         )
+    reasons = sorted(cfg.fallback_reasons) if remote is not None else []
     return {
         "on_prem_only": cfg.on_prem_only,
         "allowed_networks": allowed.describe(),
         "remote_backends": remotes,
-        "fallback": {
-            "enabled": remote is not None and bool(cfg.fallback_reasons),
-            "on": sorted(cfg.fallback_reasons) if remote is not None else [],
-        },
-        "hub_downloads": "refused"
-        if cfg.on_prem_only
-        else "allowed"
-        if cfg.allow_download
-        else "off",
+        "fallback": {"enabled": bool(reasons), "on": reasons},
+        "hub_downloads": (
+            "refused" if cfg.on_prem_only else "allowed" if cfg.allow_download else "off"
+        ),
         "egress_guard": guard.describe() if guard is not None else None,
         "model_record_verified": model_verified,
         "audio_stored": False,
