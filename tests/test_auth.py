@@ -28,8 +28,7 @@ from service.auth import (
 from service.config import load_config
 from service.errors import ConfigError
 from service.server import create_app
-from tests.kit.live import running_server
-from tests.test_stream_e2e import make_engine
+from tests.kit.live import running_server, tone_engine
 
 KEY = "sk-earshot-right"
 OTHER = "sk-earshot-other"
@@ -40,7 +39,7 @@ TIMEOUT = aiohttp.ClientTimeout(total=20)
 async def auth_server(**overrides: Any) -> AsyncIterator[str]:
     """create_app(engine), which adds the auth middleware, on a free loopback
     port; yields ``http://127.0.0.1:PORT``."""
-    async with running_server(make_engine(**overrides)) as url:
+    async with running_server(tone_engine(**overrides)) as url:
         yield url
 
 
@@ -138,7 +137,7 @@ def test_bind_policy_refuses_empty_keys_file(tmp_path: Path) -> None:
 
 
 def test_register_auth_is_idempotent() -> None:
-    app = create_app(make_engine(api_keys=KEY))
+    app = create_app(tone_engine(api_keys=KEY))
     before = len(app.middlewares)  # auth's and the metrics' request counter
     register_auth(app)
     register_auth(app)

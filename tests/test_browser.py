@@ -32,8 +32,8 @@ from tests.kit.browser import (
     screenshot_path,
     write_wav,
 )
+from tests.kit.live import tone_engine
 from tests.kit.tones import make_speech
-from tests.test_stream_e2e import make_engine
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 CHROMIUM = find_chromium()
@@ -77,7 +77,7 @@ def server() -> Iterator[ServerThread]:
     stream at a time (so that the overload test can fill it)."""
 
     def engine(origin: str) -> Any:
-        return make_engine(api_keys=KEY, max_streams=1)
+        return tone_engine(api_keys=KEY, max_streams=1)
 
     with ServerThread(engine) as live:
         yield live

@@ -36,9 +36,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models.vad import shared_model
 from service.audio import AudioFormat
-from service.config import load_config
 from service.protocol import (
     InvalidMessageError,
     SpeechStartedEvent,
@@ -50,9 +48,8 @@ from service.protocol import (
     event_message,
     metadata_message,
 )
-from service.server import Engine
-from tests.kit.live import running_server
-from tests.kit.tones import ToneBackend, make_speech, random_script
+from tests.kit.live import running_server, tone_engine
+from tests.kit.tones import make_speech, random_script
 
 try:
     from deepgram import AsyncDeepgramClient, DeepgramClient, DeepgramClientEnvironment
@@ -90,12 +87,6 @@ API_KEY = "earshot-test-key"  # any string: the SDK requires one, Earshot does n
 TIMEOUT_S = 60.0
 
 
-def make_engine() -> Engine:
-    backend = ToneBackend()
-    backend.device = "cpu"  # type: ignore[attr-defined]
-    return Engine.create(load_config(env={}), backend, vad_model=shared_model())
-
-
 def run(coro_fn: Callable[[], Any]) -> Any:
     return asyncio.run(asyncio.wait_for(coro_fn(), timeout=TIMEOUT_S + 30))
 
@@ -118,7 +109,7 @@ def local_environment(http_url: str) -> DeepgramClientEnvironment:
 
 @asynccontextmanager
 async def local_server() -> AsyncIterator[DeepgramClientEnvironment]:
-    async with running_server(make_engine()) as url:
+    async with running_server(tone_engine()) as url:
         assert url.startswith("http://127.0.0.1:")
         yield local_environment(url)
 

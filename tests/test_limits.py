@@ -21,22 +21,12 @@ from aiohttp import ClientSession
 
 from clients.stream import StreamClient, encode_audio
 from models.backend import SAMPLE_RATE
-from models.vad import shared_model
-from service.config import load_config
-from service.server import Engine
-from tests.kit.live import final_texts, raw_stream, running_server
-from tests.kit.tones import ToneBackend, make_speech
+from tests.kit.live import final_texts, raw_stream, running_server, tone_engine
+from tests.kit.tones import make_speech
 
 pytestmark = pytest.mark.timeout(120)
 
 T = TypeVar("T")
-
-
-def make_engine(**overrides: Any) -> Engine:
-    cfg = load_config(env={}, overrides=overrides)
-    tone = ToneBackend()
-    tone.device = "cpu"  # type: ignore[attr-defined]
-    return Engine.create(cfg, tone, vad_model=shared_model())
 
 
 def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -71,7 +61,7 @@ def test_max_streams() -> None:
     pcm = speech_pcm("alpha bravo")
 
     async def main() -> Any:
-        async with running_server(make_engine(max_streams=2)) as url:
+        async with running_server(tone_engine(max_streams=2)) as url:
             first, second = StreamClient(ws_url(url)), StreamClient(ws_url(url))
             await first.connect()
             await second.connect()  # at the limit: accepted
@@ -102,7 +92,7 @@ def test_max_frame_bytes() -> None:
     pcm = speech_pcm("charlie delta", "echo")
 
     async def main() -> Any:
-        async with running_server(make_engine(max_frame_bytes=limit)) as url:
+        async with running_server(tone_engine(max_frame_bytes=limit)) as url:
             at_limit = await raw_stream(ws_url(url), [*frames_of(pcm, limit), CLOSE])
             over = await raw_stream(ws_url(url), [*frames_of(pcm, limit), b"\0" * (limit + 2)])
             after = await raw_stream(ws_url(url), [*frames_of(pcm, limit), CLOSE])
@@ -124,7 +114,7 @@ def test_idle_timeout() -> None:
     pcm = speech_pcm("foxtrot golf")
 
     async def main() -> Any:
-        async with running_server(make_engine(idle_timeout_s=0.8)) as url:
+        async with running_server(tone_engine(idle_timeout_s=0.8)) as url:
             # Quiet for 2 s in all, but a KeepAlive every 0.4 s: under the limit.
             kept = await raw_stream(ws_url(url), [pcm, *[0.4, KEEPALIVE] * 5, CLOSE])
             # The same speech, then nothing: closed after 0.8 s.
@@ -150,7 +140,7 @@ def test_max_session_s() -> None:
     pcm = speech_pcm("hotel india")
 
     async def main() -> Any:
-        async with running_server(make_engine(max_session_s=2.0, idle_timeout_s=1.0)) as url:
+        async with running_server(tone_engine(max_session_s=2.0, idle_timeout_s=1.0)) as url:
             short = await raw_stream(ws_url(url), [pcm, 0.5, KEEPALIVE, CLOSE])
             # KeepAlives keep it from idling out; the session limit still ends it.
             long = await raw_stream(ws_url(url), [pcm, *[0.5, KEEPALIVE] * 8])
@@ -226,7 +216,7 @@ def test_max_upload_bytes() -> None:
     assert (len(at_limit), len(over)) == (limit, limit + 1)
 
     async def main() -> Any:
-        async with running_server(make_engine(max_upload_bytes=limit)) as url:
+        async with running_server(tone_engine(max_upload_bytes=limit)) as url:
             return [await post(url, body, content_type) for body in (at_limit, over, at_limit)]
 
     (ok_status, ok), (bad_status, bad), (again_status, again) = run(main)
@@ -243,7 +233,7 @@ def test_max_audio_s() -> None:
     over = wav_bytes("lima mike", seconds=5.1)
 
     async def main() -> Any:
-        async with running_server(make_engine(max_audio_s=5.0)) as url:
+        async with running_server(tone_engine(max_audio_s=5.0)) as url:
             return [await post(url, *multipart(wav)) for wav in (under, over, under)]
 
     (ok_status, ok), (bad_status, bad), (again_status, again) = run(main)

@@ -13,12 +13,9 @@ from typing import Any
 import pytest
 
 from clients.stream import encode_audio
-from models.vad import shared_model
-from service.config import load_config
 from service.logs import JsonFormatter, TextFormatter, configure_logging
-from service.server import Engine
-from tests.kit.live import final_texts, raw_stream, running_server
-from tests.kit.tones import ToneBackend, make_speech
+from tests.kit.live import final_texts, raw_stream, running_server, tone_engine
+from tests.kit.tones import make_speech
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,10 +38,7 @@ def captured() -> Iterator[io.StringIO]:
 
 
 def stream_once(log_transcripts: bool) -> tuple[list[dict[str, Any]], str]:
-    cfg = load_config(env={}, overrides={"log_transcripts": log_transcripts})
-    tone = ToneBackend()
-    tone.device = "cpu"  # type: ignore[attr-defined]
-    engine = Engine.create(cfg, tone, vad_model=shared_model())
+    engine = tone_engine(log_transcripts=log_transcripts)
     audio, _ = make_speech([["november", "oscar"], ["papa"]], 16000)
 
     async def main() -> tuple[list[dict[str, Any]], int | None]:

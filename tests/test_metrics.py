@@ -16,24 +16,15 @@ from aiohttp import ClientSession
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients.stream import StreamClient, transcribe_stream
-from models.vad import shared_model
-from service.config import load_config
 from service.metrics import METRICS, Metrics, register_metrics_routes
 from service.scheduler import BatchReport, JobKind, QueueDepth
 from service.server import Engine, create_app
-from tests.kit.live import running_server
-from tests.kit.tones import ToneBackend, make_speech, random_script
+from tests.kit.live import running_server, tone_engine
+from tests.kit.tones import make_speech, random_script
 
 pytestmark = pytest.mark.timeout(120)
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def make_engine(**overrides: Any) -> Engine:
-    cfg = load_config(env={}, overrides=overrides)
-    tone = ToneBackend()
-    tone.device = "cpu"  # type: ignore[attr-defined]
-    return Engine.create(cfg, tone, vad_model=shared_model())
 
 
 def run(coro_fn: Callable[[], Any]) -> Any:
@@ -77,7 +68,7 @@ async def scrape(http: ClientSession, base: str) -> tuple[Samples, dict[str, str
 def test_two_streams_through_a_real_server() -> None:
     scripts = [random_script(3, (2, 4), seed=31), random_script(2, (2, 4), seed=32)]
     audios = [make_speech(s, 16000)[0] for s in scripts]
-    engine = make_engine()
+    engine = tone_engine()
     earlier: list[BatchReport] = []
     engine.scheduler.on_batch = earlier.append  # an existing hook must keep working
 
@@ -151,7 +142,7 @@ def test_two_streams_through_a_real_server() -> None:
 
 def test_http_api_requests_and_refusals_are_counted() -> None:
     async def main() -> Samples:
-        engine = make_engine(max_upload_bytes=2048)
+        engine = tone_engine(max_upload_bytes=2048)
         async with metrics_server(engine) as (base, _), ClientSession() as http:
             async with http.get(base + "/v1/models") as resp:
                 assert resp.status == 200
@@ -179,7 +170,7 @@ def test_http_api_requests_and_refusals_are_counted() -> None:
 
 
 def test_registries_are_separate_and_the_route_is_registered() -> None:
-    a, b = make_engine(), make_engine()
+    a, b = tone_engine(), tone_engine()
     app = create_app(a)
     ma = register_metrics_routes(app)
     assert app[METRICS] is ma
@@ -199,7 +190,7 @@ def test_registries_are_separate_and_the_route_is_registered() -> None:
 
 
 def test_batch_reports_failures_and_chained_hook() -> None:
-    engine = make_engine()
+    engine = tone_engine()
     seen: list[BatchReport] = []
     engine.scheduler.on_batch = seen.append
     metrics = Metrics(engine).bind()

@@ -17,20 +17,11 @@ import soundfile as sf
 from openai import AsyncOpenAI
 
 from models.backend import SAMPLE_RATE, DecodeOptions, Hypothesis, Window
-from models.vad import shared_model
-from service.config import load_config
 from service.server import Engine
-from tests.kit.live import running_server
+from tests.kit.live import running_server, tone_engine
 from tests.kit.tones import ToneBackend, make_speech, random_script
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def make_engine(backend: ToneBackend | None = None, **overrides: Any) -> Engine:
-    cfg = load_config(env={}, overrides=overrides)
-    tone = backend or ToneBackend()
-    tone.device = "cpu"  # type: ignore[attr-defined]
-    return Engine.create(cfg, tone, vad_model=shared_model())
 
 
 @contextlib.asynccontextmanager
@@ -79,7 +70,7 @@ def test_json_gives_the_exact_words_and_the_model(wav: Path, script: list[list[s
         )
         return raw.headers.get("x-earshot-model"), raw.parse()
 
-    header, result = run(make_engine(), body)
+    header, result = run(tone_engine(), body)
     assert header == "tone"
     assert result.text == expected(script)
     extra = result.model_extra or {}
@@ -96,7 +87,7 @@ def test_text_formats(fmt: str, wav: Path, script: list[list[str]]) -> None:
             file=wav, model="gpt-4o-transcribe", response_format=fmt
         )
 
-    out = run(make_engine(), body)
+    out = run(tone_engine(), body)
     assert isinstance(out, str)
     utterances = [" ".join(u) for u in script]
     if fmt == "text":
@@ -131,7 +122,7 @@ def test_verbose_json_with_word_and_segment_timestamps(tmp_path: Path) -> None:
             language="en",
         )
 
-    out = run(make_engine(), body)
+    out = run(tone_engine(), body)
     assert out.text == truth.text
     assert out.language == "english"
     assert out.duration == pytest.approx(truth.duration, abs=0.01)
@@ -156,7 +147,7 @@ def test_verbose_json_words_only_leaves_out_segments(wav: Path) -> None:
             timestamp_granularities=["word"],
         )
 
-    out = run(make_engine(), body)
+    out = run(tone_engine(), body)
     assert out.words and out.segments is None
 
 
@@ -171,7 +162,7 @@ def test_streaming_sends_deltas_in_order_then_done(tmp_path: Path) -> None:
         )
         return [event async for event in stream]
 
-    events = run(make_engine(), body)
+    events = run(tone_engine(), body)
     types = [e.type for e in events]
     assert types[-1] == "transcript.text.done"
     assert set(types[:-1]) == {"transcript.text.delta"}
@@ -189,7 +180,7 @@ def test_models_list_and_retrieve() -> None:
             await client.models.retrieve("large-v3")
         return listed, one, served, missing.value
 
-    listed, one, served, missing = run(make_engine(), body)
+    listed, one, served, missing = run(tone_engine(), body)
     ids = [m.id for m in listed]
     assert ids[0] == "tone" and "whisper-1" in ids and "gpt-4o-transcribe" in ids
     assert all(m.object == "model" and m.owned_by == "earshot" for m in listed)
@@ -209,7 +200,7 @@ def test_another_whisper_model_is_refused(wav: Path) -> None:
             await client.audio.transcriptions.create(file=wav, model="large-v3")
         return err.value
 
-    err = run(make_engine(), body)
+    err = run(tone_engine(), body)
     assert err.status_code == 400
     assert err.code == "model_not_available"
     assert err.param == "model"
@@ -227,7 +218,7 @@ def test_broken_upload_is_audio_decode_failed(tmp_path: Path) -> None:
             await client.audio.transcriptions.create(file=path, model="whisper-1")
         return err.value
 
-    err = run(make_engine(), body)
+    err = run(tone_engine(), body)
     assert err.code == "audio_decode_failed"
     assert "broken.wav" in err.message
 
@@ -241,7 +232,7 @@ def test_empty_upload_is_audio_empty(tmp_path: Path) -> None:
             await client.audio.transcriptions.create(file=path, model="whisper-1")
         return err.value
 
-    assert run(make_engine(), body).code == "audio_empty"
+    assert run(tone_engine(), body).code == "audio_empty"
 
 
 @pytest.mark.parametrize(
@@ -259,7 +250,7 @@ def test_bad_fields_name_the_field(field: str, kwargs: dict[str, Any], wav: Path
             await client.audio.transcriptions.create(file=wav, model="whisper-1", **kwargs)
         return err.value
 
-    err = run(make_engine(), body)
+    err = run(tone_engine(), body)
     assert err.code == "invalid_request"
     assert err.param == field
 
@@ -270,7 +261,7 @@ def test_too_large_upload_is_413_with_the_numbers(wav: Path) -> None:
             await client.audio.transcriptions.create(file=wav, model="whisper-1")
         return err.value
 
-    err = run(make_engine(max_upload_bytes=10_000), body)
+    err = run(tone_engine(max_upload_bytes=10_000), body)
     assert err.status_code == 413
     assert err.code == "upload_too_large"
     assert "10000 bytes" in err.message
@@ -303,7 +294,7 @@ def test_translation_runs_through_the_queue_with_task_translate(wav: Path) -> No
         transcribed = await client.audio.transcriptions.create(file=wav, model="whisper-1")
         return translated, transcribed
 
-    translated, transcribed = run(make_engine(backend), body)
+    translated, transcribed = run(tone_engine(backend), body)
     assert translated.task == "translate"
     assert translated.text == transcribed.text != ""
     assert set(backend.tasks) == {"translate", "transcribe"}
@@ -318,7 +309,7 @@ def test_translation_with_an_english_only_model_is_refused(wav: Path) -> None:
             await client.audio.translations.create(file=wav, model="whisper-1")
         return err.value
 
-    err = run(make_engine(backend), body)
+    err = run(tone_engine(backend), body)
     assert err.code == "translation_unavailable"
     assert "only English" in err.message
     assert backend.tasks == []
@@ -331,11 +322,11 @@ def test_silence_gives_an_empty_transcript(tmp_path: Path) -> None:
     async def body(client: AsyncOpenAI) -> Any:
         return await client.audio.transcriptions.create(file=path, model="whisper-1")
 
-    assert run(make_engine(), body).text == ""
+    assert run(tone_engine(), body).text == ""
 
 
 def test_overloaded_queue_is_503(wav: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = make_engine()
+    engine = tone_engine()
     monkeypatch.setattr(engine.scheduler, "is_overloaded", lambda: True)
 
     async def body(client: AsyncOpenAI) -> Any:
@@ -354,7 +345,7 @@ def test_chunked_upload_over_the_limit_is_413(wav: Path) -> None:
     from aiohttp import ClientSession, ClientTimeout, FormData
 
     async def main() -> tuple[int, dict[str, Any]]:
-        async with openai_client(make_engine(max_upload_bytes=10_000)) as client:
+        async with openai_client(tone_engine(max_upload_bytes=10_000)) as client:
             form = FormData()
             form.add_field("model", "whisper-1")
             form.add_field("file", wav.read_bytes(), filename="speech.wav")

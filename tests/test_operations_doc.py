@@ -9,11 +9,9 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from models.vad import shared_model
-from service.config import Config, load_config
+from service.config import Config
 from service.metrics import Metrics
-from service.server import Engine
-from tests.kit.tones import ToneBackend
+from tests.kit.live import tone_engine
 
 DOC = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
 
@@ -46,9 +44,7 @@ def test_every_limit_is_documented_with_its_default() -> None:
 
 
 def test_every_metric_is_documented() -> None:
-    tone = ToneBackend()
-    tone.device = "cpu"  # type: ignore[attr-defined]
-    engine = Engine.create(load_config(env={}), tone, vad_model=shared_model())
+    engine = tone_engine()
     text = Metrics(engine).exposition().decode()
     exported = set()
     for family in text_string_to_metric_families(text):

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 
 from clients.stream import encode_audio
+from tests.kit.live import tone_engine
 from tests.kit.tones import make_speech
-from tests.test_stream_e2e import listen_url, make_engine, run
+from tests.test_stream_e2e import listen_url, run
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
 
@@ -42,7 +43,7 @@ def test_the_documented_exchange_happens_as_written() -> None:
 
         messages: list[dict[str, Any]] = []
         async with (
-            listen_url(make_engine()) as url,
+            listen_url(tone_engine()) as url,
             ClientSession() as http,
             http.ws_connect(f"{url}?{query.group(1)}") as ws,
         ):
@@ -83,7 +84,7 @@ def test_earshot_stream_prints_the_finals(tmp_path: Path) -> None:
     sf.write(wav, audio, 22050, subtype="PCM_16")
 
     async def main(*extra: str) -> tuple[int, str, str]:
-        async with listen_url(make_engine()) as url:
+        async with listen_url(tone_engine()) as url:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -122,7 +123,7 @@ def test_earshot_stream_reports_a_refusal(tmp_path: Path) -> None:
     import sys
 
     async def main() -> tuple[int, str]:
-        async with listen_url(make_engine()) as url:
+        async with listen_url(tone_engine()) as url:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",

@@ -31,12 +31,9 @@ from models.remote import (
     redact_url,
     remote_prompt,
 )
-from models.vad import shared_model
-from service.config import load_config
 from service.errors import ConfigError, EarshotError, InvalidRequestError
-from service.server import Engine
 from tests.kit.fake_remote import FakeRemote, fake_remote, parse_multipart
-from tests.kit.live import running_server
+from tests.kit.live import running_server, tone_engine
 from tests.kit.tones import ToneBackend, make_speech, make_utterance, random_script
 
 pytestmark = pytest.mark.timeout(60)
@@ -655,18 +652,11 @@ def test_parse_remote() -> None:
 # --- a real Earshot server as the remote -------------------------------------
 
 
-def make_engine(**overrides: Any) -> Engine:
-    cfg = load_config(env={}, overrides=overrides)
-    tone = ToneBackend()
-    tone.device = "cpu"  # type: ignore[attr-defined]
-    return Engine.create(cfg, tone, vad_model=shared_model())
-
-
 def test_a_real_earshot_server_is_a_remote() -> None:
     script = random_script(3, (2, 4), seed=17)
     audio, _ = make_speech(script)
     expected = " ".join(" ".join(u) for u in script)
-    engine = make_engine(api_keys=KEY)
+    engine = tone_engine(api_keys=KEY)
 
     async def main() -> tuple[list[Any], EarshotError]:
         async with running_server(engine) as url:

@@ -28,7 +28,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from clients.stream import encode_audio, transcribe_stream
 from models.remote import RemoteBackend
 from models.store import ModelStore
-from models.vad import shared_model
 from service.config import load_config
 from service.egress import build_guard, guarded
 from service.errors import ConfigError, ModelIntegrityError
@@ -40,7 +39,7 @@ from service.startup import (
     verify_model,
 )
 from tests.kit.fake_remote import FakeRemote, fake_remote
-from tests.kit.live import final_texts, raw_stream, running_server
+from tests.kit.live import final_texts, raw_stream, running_server, tone_engine
 from tests.kit.tones import ToneBackend, make_speech, random_script
 
 pytestmark = pytest.mark.timeout(180)
@@ -62,12 +61,8 @@ def slow_engine(remote: FakeRemote | None = None, **overrides: Any) -> Engine:
     settings = {**SLOW, **overrides}
     if remote is not None:
         settings["remote_url"] = remote.url
-    cfg = load_config(env={}, overrides=settings)
-    tone = ToneBackend(delay_s=0.4)
-    tone.device = "cpu"  # type: ignore[attr-defined]
-    fallback = build_remote(cfg)
-    policy = stated_policy(cfg, remote=fallback, guard=None, model_verified=None)
-    return Engine.create(cfg, tone, vad_model=shared_model(), fallback=fallback, policy=policy)
+    fallback = build_remote(load_config(env={}, overrides=settings))
+    return tone_engine(ToneBackend(delay_s=0.4), fallback=fallback, **settings)
 
 
 def scripts(n: int) -> list[list[list[str]]]:

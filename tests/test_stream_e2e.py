@@ -17,17 +17,10 @@ from clients.stream import StreamClient, StreamRefusedError, encode_audio, trans
 from models.vad import shared_model
 from service.config import load_config
 from service.server import Engine
-from tests.kit.live import final_texts, raw_stream, running_server
+from tests.kit.live import final_texts, raw_stream, running_server, tone_engine
 from tests.kit.tones import ToneBackend, make_speech, random_script
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def make_engine(backend: ToneBackend | None = None, **overrides: Any) -> Engine:
-    cfg = load_config(env={}, overrides=overrides)
-    tone = backend or ToneBackend()
-    tone.device = "cpu"  # type: ignore[attr-defined]
-    return Engine.create(cfg, tone, vad_model=shared_model())
 
 
 def run(coro_fn: Callable[[], Any]) -> Any:
@@ -62,7 +55,7 @@ def test_exact_words_through_every_encoding(rate: int, encoding: str) -> None:
     audio, _ = make_speech(script, rate)
 
     async def main() -> Any:
-        async with listen_url(make_engine()) as url:
+        async with listen_url(tone_engine()) as url:
             return await transcribe_stream(
                 url, audio, encoding=encoding, sample_rate=rate, realtime=False
             )
@@ -88,7 +81,7 @@ def test_two_channels_with_different_words() -> None:
     stereo[: len(b), 1] = b
 
     async def main() -> Any:
-        async with listen_url(make_engine()) as url:
+        async with listen_url(tone_engine()) as url:
             return await transcribe_stream(
                 url, stereo, channels=2, multichannel=True, realtime=False
             )
@@ -104,7 +97,7 @@ def test_paced_in_real_time_with_interims_and_word_times() -> None:
     audio, truth = make_speech(script, 16000, lead_s=0.5, gap_s=1.0, tail_s=1.0)
 
     async def main() -> Any:
-        async with listen_url(make_engine()) as url:
+        async with listen_url(tone_engine()) as url:
             return await transcribe_stream(url, audio, realtime=True, interim_results=True)
 
     result = run(main)
@@ -136,7 +129,7 @@ def test_sixteen_concurrent_streams_lose_no_word() -> None:
     audios = [make_speech(s, 8000)[0] for s in scripts]
 
     async def main() -> list[Any]:
-        async with listen_url(make_engine(ToneBackend(delay_per_window_s=0.002))) as url:
+        async with listen_url(tone_engine(ToneBackend(delay_per_window_s=0.002))) as url:
             return await asyncio.gather(
                 *(
                     transcribe_stream(url, a, encoding="mulaw", sample_rate=8000, realtime=False)
@@ -158,7 +151,7 @@ def test_finalize_in_the_middle_of_an_utterance() -> None:
     pcm = encode_audio(audio, "linear16")
 
     async def main() -> Any:
-        async with listen_url(make_engine()) as url:
+        async with listen_url(tone_engine()) as url:
             client = StreamClient(url, interim_results=False)
             finals: list[dict[str, Any]] = []
             async with client:
@@ -185,7 +178,7 @@ def test_close_stream_flushes_the_last_final() -> None:
     audio, _ = make_speech(script, 16000, tail_s=0.0)
 
     async def main() -> Any:
-        async with listen_url(make_engine()) as url:
+        async with listen_url(tone_engine()) as url:
             return await transcribe_stream(url, audio, realtime=False, interim_results=False)
 
     result = run(main)
@@ -201,7 +194,7 @@ def test_disconnect_mid_utterance_frees_the_session() -> None:
     cut = int((truth.words[2].end) * 16000) * 2
 
     async def main() -> int:
-        engine = make_engine()
+        engine = tone_engine()
         async with listen_url(engine) as url:
             client = StreamClient(url)
             await client.connect()
@@ -238,7 +231,7 @@ def test_disconnect_mid_utterance_frees_the_session() -> None:
 )
 def test_bad_parameters_are_refused_before_the_upgrade(query: str, status: int, code: str) -> None:
     async def main() -> Any:
-        async with listen_url(make_engine()) as url, ClientSession() as http:
+        async with listen_url(tone_engine()) as url, ClientSession() as http:
             with pytest.raises(WSServerHandshakeError) as info:
                 await http.ws_connect(f"{url}?{query}")
             resp = await http.get(url.replace("ws://", "http://") + "?" + query)
@@ -252,7 +245,7 @@ def test_bad_parameters_are_refused_before_the_upgrade(query: str, status: int, 
 
 def test_the_stream_client_reports_a_refusal() -> None:
     async def main() -> Any:
-        async with listen_url(make_engine()) as url:
+        async with listen_url(tone_engine()) as url:
             with pytest.raises(StreamRefusedError) as info:
                 async with StreamClient(url, sample_rate=123):
                     pass
@@ -276,7 +269,7 @@ def test_odd_byte_count_reports_partial_frame_and_keeps_finals() -> None:
     pcm = _speech_pcm([["alpha", "bravo"]])
 
     async def main() -> Any:
-        async with listen_url(make_engine()) as url:
+        async with listen_url(tone_engine()) as url:
             return await raw_stream(url, [pcm + b"\x01", '{"type": "CloseStream"}'])
 
     messages, code = run(main)
@@ -290,7 +283,7 @@ def test_text_that_is_not_json_and_unknown_controls_are_not_fatal() -> None:
     pcm = _speech_pcm([["charlie", "delta"]])
 
     async def main() -> Any:
-        async with listen_url(make_engine()) as url:
+        async with listen_url(tone_engine()) as url:
             frames: list[bytes | str] = [
                 "this is not json",
                 '{"type": "Dance"}',
@@ -314,7 +307,7 @@ def test_frame_over_the_limit_closes_with_its_code_and_keeps_finals() -> None:
     limit = 4096
 
     async def main() -> Any:
-        async with listen_url(make_engine(max_frame_bytes=limit)) as url:
+        async with listen_url(tone_engine(max_frame_bytes=limit)) as url:
             chunks = [pcm[i : i + 4000] for i in range(0, len(pcm), 4000)]
             return await raw_stream(url, [*chunks, b"\0" * (limit + 2)])
 
@@ -334,7 +327,7 @@ def test_channels_that_do_not_match_the_data() -> None:
         mono += b"\0\0"
 
     async def main() -> Any:
-        async with listen_url(make_engine()) as url:
+        async with listen_url(tone_engine()) as url:
             return await raw_stream(
                 url, [mono, '{"type": "CloseStream"}'], "encoding=linear16&channels=2"
             )
@@ -348,7 +341,7 @@ def test_channels_that_do_not_match_the_data() -> None:
 
 def test_server_full_is_refused_with_503_and_retry_after() -> None:
     async def main() -> Any:
-        engine = make_engine(max_streams=1)
+        engine = tone_engine(max_streams=1)
         async with listen_url(engine) as url:
             first = StreamClient(url)
             await first.connect()
@@ -366,7 +359,7 @@ def test_server_full_is_refused_with_503_and_retry_after() -> None:
 
 def _slow_engine(**overrides: Any) -> Engine:
     # Each batch takes 0.6 s, while the audio is sent much faster than real time.
-    return make_engine(ToneBackend(delay_s=0.6), max_batch=1, **overrides)
+    return tone_engine(ToneBackend(delay_s=0.6), max_batch=1, **overrides)
 
 
 def test_lag_warning_only_for_clients_that_ask() -> None:
@@ -419,7 +412,7 @@ def test_vad_events_and_utterance_end() -> None:
     audio, truth = make_speech(script, 16000)
 
     async def main() -> Any:
-        async with listen_url(make_engine()) as url:
+        async with listen_url(tone_engine()) as url:
             return await transcribe_stream(
                 url, audio, realtime=False, vad_events=True, utterance_end_ms=1000
             )
@@ -444,7 +437,7 @@ def test_long_utterance_is_cut_at_a_quiet_point_without_losing_words() -> None:
     audio, _ = make_speech([words], 16000)
 
     async def main() -> Any:
-        async with listen_url(make_engine(max_utterance_s=4.0)) as url:
+        async with listen_url(tone_engine(max_utterance_s=4.0)) as url:
             return await transcribe_stream(url, audio, realtime=False, interim_results=False)
 
     result = run(main)
@@ -463,7 +456,7 @@ def test_silence_and_noise_are_never_decoded() -> None:
     backend = ToneBackend()
 
     async def main() -> Any:
-        async with listen_url(make_engine(backend)) as url:
+        async with listen_url(tone_engine(backend)) as url:
             return await transcribe_stream(url, quiet, realtime=False, interim_results=True)
 
     result = run(main)
@@ -527,7 +520,7 @@ def test_a_client_that_never_reads_is_closed_and_memory_stays_bounded() -> None:
     audio, _ = make_speech(script, 16000, gap_s=0.7)
     stereo8 = np.repeat(audio[:, None], 8, axis=1)
     pcm = encode_audio(stereo8, "linear16")
-    engine = make_engine(max_pending_messages=8, interim_step_s=0.1)
+    engine = tone_engine(max_pending_messages=8, interim_step_s=0.1)
 
     async def main() -> Any:
         async with listen_url(engine) as url:
@@ -578,6 +571,6 @@ def test_a_client_that_never_reads_is_closed_and_memory_stays_bounded() -> None:
 
 def test_warm_up_decodes_with_both_option_sets() -> None:
     backend = ToneBackend()
-    engine = make_engine(backend)
+    engine = tone_engine(backend)
     assert engine.warm_up() >= 0.0
     assert backend.calls == 2

@@ -10,7 +10,21 @@ from typing import Any
 
 from aiohttp import ClientSession, WSMsgType, web
 
+from models.backend import Backend
+from models.vad import shared_model
+from service.config import load_config
 from service.server import Engine, create_app
+from tests.kit.tones import ToneBackend
+
+
+def tone_engine(
+    backend: Backend | None = None, *, fallback: Backend | None = None, **overrides: Any
+) -> Engine:
+    """An engine serving ``backend`` (the tone-language reader by default)
+    with the real Silero endpointer; ``overrides`` are configuration settings
+    (``max_streams=2``), ``fallback`` a remote fallback backend."""
+    cfg = load_config(env={}, overrides=overrides)
+    return Engine.create(cfg, backend or ToneBackend(), vad_model=shared_model(), fallback=fallback)
 
 
 @contextlib.asynccontextmanager
