@@ -225,6 +225,11 @@ class Engine:
                 "fallback": info.get("fallback"),
                 "decoding": "final",
             }
+        return self._local_result_provenance
+
+    @functools.cached_property
+    def _local_result_provenance(self) -> dict[str, Any]:
+        # The served model does not change: asked once, not for every final.
         prov = self.backend.provenance()
         return {
             "backend": "local",
