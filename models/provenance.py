@@ -104,15 +104,21 @@ class ChecksumCache:
             if hit and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
                 return str(hit["sha256"])
         digest = sha256_file(path)
+        self.remember(path, digest, st)
+        return digest
+
+    def remember(self, path: Path, digest: str, st: os.stat_result) -> None:
+        """Record ``digest`` for ``path`` as it was when ``st`` was taken
+        (before its bytes were read), so that the next :meth:`sha256` of the
+        unchanged file is a cache hit."""
         with self._lock:
             entries = self._load()
-            entries[resolved] = {
+            entries[str(path.resolve())] = {
                 "size": st.st_size,
                 "mtime_ns": st.st_mtime_ns,
                 "sha256": digest,
             }
             self._save()
-        return digest
 
 
 @dataclass(frozen=True)
@@ -238,8 +244,11 @@ class VerifyResult:
         return f"{self.folder}: MISMATCH ({'; '.join(parts)})"
 
 
-def verify_folder(folder: Path) -> VerifyResult:
-    """Recompute every recorded file's sha256 from its bytes and compare."""
+def verify_folder(folder: Path, *, cache: ChecksumCache | None = None) -> VerifyResult:
+    """Recompute every recorded file's sha256 from its bytes and compare.
+
+    The cache is never read here; given one, the digests just computed are
+    recorded in it, so that loading the model next does not read it again."""
     record = read_record(folder)
     if record is None:
         return VerifyResult(folder, False, (), (), ())
@@ -250,7 +259,14 @@ def verify_folder(folder: Path) -> VerifyResult:
         if not path.is_file():
             missing.append(name)
             continue
-        if path.stat().st_size != expected.size or sha256_file(path) != expected.sha256:
+        st = path.stat()
+        if st.st_size != expected.size:
+            mismatched.append(name)
+            continue
+        digest = sha256_file(path)
+        if cache is not None:
+            cache.remember(path, digest, st)
+        if digest != expected.sha256:
             mismatched.append(name)
     return VerifyResult(
         folder, True, tuple(mismatched), tuple(missing), tuple(sorted(record.files))

@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from models.backend import Backend
-from models.provenance import verify_folder
+from models.provenance import ChecksumCache, verify_folder
 from models.remote import RemoteBackend, RemoteSettings, parse_remote
 from service.config import Config
 from service.egress import (
@@ -83,7 +83,9 @@ def verify_model(folder: Path, cfg: Config) -> bool | None:
     True when it matches, None when the folder has no record (a plain local
     folder: nothing to compare with). A mismatch raises ModelIntegrityError,
     unless ``allow_unverified_model``, which logs it and returns False."""
-    result = verify_folder(folder)
+    # Every byte is read; the digests go into the checksum cache, where the
+    # runner's provenance finds them instead of reading the model again.
+    result = verify_folder(folder, cache=ChecksumCache())
     if not result.recorded:
         return None
     if result.ok:

@@ -98,6 +98,25 @@ def test_import_records_and_verify_detects_one_changed_byte(tmp_path: Path) -> N
     assert verify_folder(resolved.path).missing == ("tokenizer.json",)
 
 
+def test_verify_reads_every_byte_and_leaves_its_digests_in_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import models.provenance as provenance
+
+    store = ModelStore(tmp_path / "store")
+    folder = store.import_folder(fake_model(tmp_path / "src"), "m").path
+    model_bin = folder / "model.bin"
+    st = model_bin.stat()
+    cache = ChecksumCache(tmp_path / "cache.json")
+    stale = "0" * 64
+    cache.remember(model_bin, stale, st)  # a wrong cached value is never trusted
+    assert verify_folder(folder, cache=cache).ok
+    # What verification computed is now cached: loading reads nothing again.
+    monkeypatch.setattr(provenance, "sha256_file", lambda path: pytest.fail(f"read {path}"))
+    fresh = ChecksumCache(tmp_path / "cache.json")
+    assert fresh.sha256(model_bin) == sha256sum(model_bin) != stale
+
+
 def test_verify_without_record_is_not_ok(tmp_path: Path) -> None:
     folder = fake_model(tmp_path / "m")
     result = verify_folder(folder)
