@@ -16,6 +16,14 @@ are encoded once together for detection first.) Padding prompts
 to a common length would let a window's words depend on which other windows
 were batched with it, so Earshot does not do that.
 
+With timestamps on, Whisper may end a window early: after a complete
+segment (two timestamps in a row) it stops and expects to be called again from
+that point, and a sequence cut by its token budget ends in an unfinished
+segment that is thrown away. faster-whisper's ``transcribe`` then decodes the
+rest of the audio from the last timestamp; so does the runner (up to
+``_MAX_CONTINUATIONS`` times per window, batched like the first round), so
+that no word a plain offline decode keeps is lost.
+
 Thread safety: a single runner may be called from one worker thread while
 the asyncio event loop runs in another; calls are serialised by a lock.
 """
@@ -51,6 +59,10 @@ _PREPEND_PUNCT = "\"'“¿([{-"
 _APPEND_PUNCT = "\"'.。,，!！?？:：”)]}、"
 # A window may be a few ms over 30 s after resampling; Whisper pads to 30 s anyway.
 _WINDOW_TOLERANCE_S = 0.05
+# Continuations of a window that ended early (see the module docstring): at most
+# this many per window, and none for a remainder shorter than this.
+_MAX_CONTINUATIONS = 8
+_MIN_CONTINUATION_S = 0.3
 
 
 def cuda_device_count() -> int:
@@ -196,7 +208,7 @@ class WhisperRunner:
         self._validate(windows, options)
         with self._lock:
             self.calls += 1
-            return self._transcribe_locked(list(windows), options)
+            return self._transcribe_with_continuations(list(windows), options)
 
     # -- internals ---------------------------------------------------------
     def _validate(self, windows: Sequence[Window], options: DecodeOptions) -> None:
@@ -278,7 +290,55 @@ class WhisperRunner:
             prepared.append(_Prepared(i, w, lang, prompt, sot_index, max(budget, 1)))
         return prepared
 
-    def _transcribe_locked(self, windows: list[Window], options: DecodeOptions) -> list[Hypothesis]:
+    def _transcribe_with_continuations(
+        self, windows: list[Window], options: DecodeOptions
+    ) -> list[Hypothesis]:
+        rounds = self._transcribe_locked(windows, options)
+        parts: list[list[tuple[float, Hypothesis]]] = [[(0.0, h)] for h, _ in rounds]
+        # (window index, offset in seconds of the rest still to decode)
+        todo = [(i, at) for i, (_, at) in enumerate(rounds) if at is not None]
+
+        def left(i: int) -> int:
+            # The window's token budget covers its continuations too.
+            used = sum(len(h.tokens) for _, h in parts[i])
+            return options.token_budget(windows[i].duration) - used
+
+        for _ in range(_MAX_CONTINUATIONS):
+            todo = [
+                (i, at)
+                for i, at in todo
+                if windows[i].duration - at >= _MIN_CONTINUATION_S and left(i) > 0
+            ]
+            if not todo:
+                break
+            rest = []
+            for i, at in todo:
+                w = windows[i]
+                said = " ".join(h.text for _, h in parts[i] if h.text)
+                prompt = " ".join(t for t in (w.prompt, said) if t) or None
+                rest.append(
+                    replace(
+                        w,
+                        audio=w.audio[round(at * SAMPLE_RATE) :],
+                        prompt=prompt,
+                        language=parts[i][0][1].language,
+                    )
+                )
+            again = self._transcribe_locked(rest, options, budgets=[left(i) for i, _ in todo])
+            nxt = []
+            for (i, at), (hyp, resume) in zip(todo, again, strict=True):
+                parts[i].append((at, hyp))
+                if resume is not None:
+                    nxt.append((i, at + resume))
+            todo = nxt
+        return [_join(p) for p in parts]
+
+    def _transcribe_locked(
+        self, windows: list[Window], options: DecodeOptions, budgets: list[int] | None = None
+    ) -> list[tuple[Hypothesis, float | None]]:
+        """One decode of every window: each hypothesis with, where the model
+        stopped before the end of its audio, the second to resume from.
+        ``budgets`` caps each window's new tokens below its own budget."""
         features = self._features(windows, options.short_context)
         languages = [w.language for w in windows]
         encoder_output = None
@@ -288,12 +348,14 @@ class WhisperRunner:
             detected = self._detect_languages(encoder_output, len(windows))
             languages = [lang or d for lang, d in zip(languages, detected, strict=True)]
         prepared = self._prepare(windows, [lang or "en" for lang in languages], options)
+        for p, cap in zip(prepared, budgets or (), strict=False):
+            p.budget = max(1, min(p.budget, cap))
 
         groups: dict[tuple[int, int, str], list[_Prepared]] = {}
         for p in prepared:
             groups.setdefault((p.sot_index, len(p.prompt), p.language), []).append(p)
 
-        out: list[Hypothesis | None] = [None] * len(windows)
+        out: list[tuple[Hypothesis, float | None] | None] = [None] * len(windows)
         for group in groups.values():
             idx = [p.index for p in group]
             if len(groups) == 1 and encoder_output is not None:
@@ -306,7 +368,7 @@ class WhisperRunner:
 
     def _decode_group(
         self, encoder_output: Any, group: list[_Prepared], options: DecodeOptions
-    ) -> list[Hypothesis]:
+    ) -> list[tuple[Hypothesis, float | None]]:
         from faster_whisper.transcribe import get_suppressed_tokens
 
         model = self._model
@@ -338,12 +400,15 @@ class WhisperRunner:
         )
         seg_dicts: list[list[dict[str, Any]]] = []
         scored: list[tuple[list[int], float, float]] = []
+        resume: list[float | None] = []
         for p, res in zip(group, results, strict=True):
             tokens = list(res.sequences_ids[0])[: p.budget]
             seq_len = len(res.sequences_ids[0])
             cum = res.scores[0] * (seq_len**options.length_penalty)
             scored.append((tokens, float(cum / (seq_len + 1)), float(res.no_speech_prob)))
-            seg_dicts.append(self._segments(tok, tokens, p.window.duration))
+            segs, resume_at = self._segments(tok, tokens, p.window.duration)
+            seg_dicts.append(segs)
+            resume.append(resume_at)
 
         if options.word_timestamps:
             frames = [
@@ -355,27 +420,35 @@ class WhisperRunner:
             )
 
         hyps = []
-        for p, (tokens, avg_logprob, no_speech), segs in zip(group, scored, seg_dicts, strict=True):
+        for p, (tokens, avg_logprob, no_speech), segs, resume_at in zip(
+            group, scored, seg_dicts, resume, strict=True
+        ):
             segments = tuple(self._to_segment(tok, s, p.window.duration) for s in segs)
             words = tuple(wd for s in segments for wd in s.words)
+            if resume_at is not None:
+                # The unfinished last segment is decoded again from resume_at.
+                tokens = [t for s in segs for t in s["tokens"]]
             text_tokens = [t for t in tokens if t < tok.eot]
-            hyps.append(
-                Hypothesis(
-                    text=tok.decode(text_tokens).strip(),
-                    tokens=tuple(tokens),
-                    segments=segments,
-                    language=p.language,
-                    avg_logprob=avg_logprob,
-                    no_speech_prob=no_speech,
-                    words=words,
-                )
+            hyp = Hypothesis(
+                text=tok.decode(text_tokens).strip(),
+                tokens=tuple(tokens),
+                segments=segments,
+                language=p.language,
+                avg_logprob=avg_logprob,
+                no_speech_prob=no_speech,
+                words=words,
             )
+            hyps.append((hyp, resume_at))
         return hyps
 
-    def _segments(self, tok: Any, tokens: list[int], duration: float) -> list[dict[str, Any]]:
+    def _segments(
+        self, tok: Any, tokens: list[int], duration: float
+    ) -> tuple[list[dict[str, Any]], float | None]:
+        """The segments of a timestamped sequence, and the second from which
+        the rest of the window must be decoded again (None: nothing is left)."""
         model = self._model
         size = min(self._n_frames, math.ceil(duration * model.frames_per_second))
-        subsegments, _, _ = model._split_segments_by_timestamps(
+        subsegments, seek, _ = model._split_segments_by_timestamps(
             tokenizer=tok,
             tokens=tokens,
             time_offset=0.0,
@@ -386,7 +459,8 @@ class WhisperRunner:
         segs: list[dict[str, Any]] = [
             s for s in subsegments if any(t < tok.eot for t in s["tokens"])
         ]
-        return segs or [dict(seek=0, start=0.0, end=duration, tokens=[])]
+        resume_at = seek / model.frames_per_second if 0 < seek < size else None
+        return segs or [dict(seek=0, start=0.0, end=duration, tokens=[])], resume_at
 
     @staticmethod
     def _to_segment(tok: Any, seg: dict[str, Any], duration: float) -> Segment:
@@ -407,6 +481,36 @@ class WhisperRunner:
             tokens=tuple(int(t) for t in seg["tokens"]),
             words=words,
         )
+
+
+def _join(parts: list[tuple[float, Hypothesis]]) -> Hypothesis:
+    """One hypothesis from a window's first decode and its continuations
+    (each with its offset in seconds from the window's start)."""
+    if len(parts) == 1:
+        return parts[0][1]
+    first = parts[0][1]
+    segments = tuple(
+        replace(
+            s,
+            start=s.start + at,
+            end=s.end + at,
+            words=tuple(replace(w, start=w.start + at, end=w.end + at) for w in s.words),
+        )
+        for at, h in parts
+        for s in h.segments
+        if s.text
+    )
+    n_tokens = [max(len(h.tokens), 1) for _, h in parts]
+    avg_logprob = sum(h.avg_logprob * n for (_, h), n in zip(parts, n_tokens, strict=True))
+    return Hypothesis(
+        text=" ".join(h.text for _, h in parts if h.text),
+        tokens=tuple(t for _, h in parts for t in h.tokens),
+        segments=segments,
+        language=first.language,
+        avg_logprob=avg_logprob / sum(n_tokens),
+        no_speech_prob=first.no_speech_prob,
+        words=tuple(w for s in segments for w in s.words),
+    )
 
 
 __all__ = ["SAMPLE_RATE", "RunnerSettings", "WhisperRunner", "pick_device"]

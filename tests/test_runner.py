@@ -77,12 +77,31 @@ def test_token_budget_follows_the_window_duration(tokenizer_path: Path, speech: 
     long_model = cached_model("micro", 60, 0, "int8")
     runner = WhisperRunner(long_model, RunnerSettings(device="cpu"))
     window = Window(speech[:16000], language="en")
-    unbounded = runner.transcribe_batch([window], DecodeOptions(min_tokens=200))[0]
-    assert len([t for t in unbounded.tokens if t < 50257]) == 60
+    # The model ends its first decode after 60 text tokens; with a large
+    # budget the window is then continued from its last timestamp (see below).
+    roomy = DecodeOptions(min_tokens=200)
+    unbounded = runner.transcribe_batch([window], roomy)[0]
+    assert len([t for t in unbounded.tokens if t < 50257]) >= 60
+    assert len(unbounded.tokens) <= roomy.token_budget(1.0)
     options = DecodeOptions(max_tokens_per_second=4.0, min_tokens=2)
     bounded = runner.transcribe_batch([window], options)[0]
     assert len(bounded.tokens) == options.token_budget(1.0) == 6
     assert bounded.tokens == unbounded.tokens[:6]
+
+
+def test_continuations_share_the_window_budget(tokenizer_path: Path, speech: np.ndarray) -> None:
+    # With timestamps, a window that ends early is decoded again from its last
+    # timestamp; random weights end early at random, so continuations happen,
+    # but the whole window, continuations included, keeps to its budget.
+    long_model = cached_model("micro", 60, 0, "int8")
+    runner = WhisperRunner(long_model, RunnerSettings(device="cpu"))
+    window = Window(speech[: 5 * 16000], language="en")
+    for options in (DecodeOptions(), DecodeOptions(max_tokens_per_second=4.0, min_tokens=2)):
+        calls = runner.calls
+        hyp = runner.transcribe_batch([window], options)[0]
+        assert runner.calls == calls + 1
+        assert 0 < len(hyp.tokens) <= options.token_budget(window.duration)
+        assert all(0.0 <= s.start <= s.end <= window.duration + 0.02 for s in hyp.segments)
 
 
 def test_bad_windows_are_refused(runner: WhisperRunner) -> None:
