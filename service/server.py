@@ -344,7 +344,11 @@ class LiveStream:
             engine.session_settings,
             engine.vad_model,
             vad_factory=engine.vad_factory,
+            clock=asyncio.get_running_loop().time,
         )
+        # Set while the session may take more audio (see _wait_for_room).
+        self._room = asyncio.Event()
+        self._room.set()
         self._outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(
             maxsize=engine.config.max_pending_messages
         )
@@ -458,6 +462,8 @@ class LiveStream:
         self._emit(self.session.on_result(req, hyp, err))
         if self.session.pending_finals == 0:
             self._finals_done.set()
+        if not self.session.saturated:
+            self._room.set()
 
     def _note_backend(self, hyp: Hypothesis) -> None:
         """Count which backend decoded; the first remote result of the stream
@@ -483,6 +489,17 @@ class LiveStream:
                     )
                 ]
             )
+
+    async def _wait_for_room(self) -> None:
+        """Back-pressure: while the session has as many finals in flight as it
+        may, read nothing more (a client sending faster than real time then
+        waits on its own socket). The lag is still checked meanwhile, so a
+        live client that falls behind is warned and closed as always."""
+        while self.session.saturated and self._fatal is None and not self._stopping.is_set():
+            self._room.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._room.wait(), timeout=0.5)
+            self._emit(self.session.check_lag())
 
     def _interims_allowed(self, channel: int) -> bool:
         return self.engine.scheduler.should_submit_interim((self.request_id, channel))
@@ -510,6 +527,9 @@ class LiveStream:
         deadline = opened + cfg.max_session_s
         try:
             while self._fatal is None:
+                await self._wait_for_room()
+                if self._fatal is not None:
+                    break
                 remaining = deadline - loop.time()
                 try:
                     if remaining <= 0:

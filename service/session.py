@@ -15,9 +15,21 @@ Guarantees, each covered by tests:
   normal close is in exactly one final, and finals are emitted in order and
   never revised;
 * an interim that arrives after its utterance closed is dropped;
-* a stream's lag (how long ago the oldest closed, not yet transcribed
-  utterance ended) is tracked; a warning is raised past one threshold and
-  :class:`LaggingError` past the limit.
+* a stream's lag is tracked: how far its transcript is behind the live
+  audio. A warning is raised past one threshold and :class:`LaggingError`
+  past the limit.
+
+Lag is measured on a wall clock (injected; without one, the stream's own audio
+clock stands in, as for a client that sends in real time). An utterance's
+final is *due* when the audio of its end would have arrived from a live
+client: ``t0 + end`` for a stream whose first audio came at ``t0``, or later
+when the client itself sent that audio later than real time. The lag is how
+long ago the oldest final still missing fell due. A client that sends faster
+than real time (a recording) is therefore never lagging because of its own
+speed, only when the server decodes it more slowly than real time; a live
+client that falls behind is lagging exactly as far as it is behind. A fast
+client is held back instead (:attr:`StreamSession.saturated`: the shell stops
+reading its frames while it has too many finals in flight).
 """
 
 from __future__ import annotations
@@ -70,6 +82,9 @@ class SessionSettings:
     prompt_chars: int = 240
     lag_warning_s: float = 5.0
     lag_limit_s: float = 30.0
+    # Finals in flight per channel past which the shell stops reading the
+    # stream's frames (back-pressure on a client faster than real time).
+    max_finals_in_flight: int = 2
     buffer_seconds: float = 40.0
     vad_threshold: float = 0.5
     min_speech_ms: int = 250
@@ -142,6 +157,8 @@ class _Channel:
     next_emit: int = 0
     previous_text: str = ""
     last_word_end: float = 0.0
+    # When each closed utterance's final fell due (wall clock), for the lag.
+    due: dict[int, float] = field(default_factory=dict)
 
 
 def _confidence(avg_logprob: float) -> float:
@@ -193,8 +210,13 @@ class StreamSession:
         vad_model: FrameModel | None = None,
         *,
         vad_factory: Callable[[VadSettings], StreamingVad] | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
+        """``clock`` is a monotonic wall clock in seconds (the shell's event
+        loop time); None measures lag on the stream's own audio clock."""
         self.params = params
+        self._clock = clock
+        self._t0: float | None = None
         self.settings = settings or SessionSettings()
         fmt = params.audio
         self._decoder = FrameDecoder(fmt)
@@ -232,6 +254,12 @@ class StreamSession:
         return sum(len(c.pending) + len(c.ready) for c in self._channels)
 
     @property
+    def saturated(self) -> bool:
+        """True while the stream has as many finals in flight as it may have:
+        read no more of its audio until one is emitted."""
+        return self.pending_finals >= self.settings.max_finals_in_flight * len(self._channels)
+
+    @property
     def open_utterances(self) -> int:
         return sum(1 for c in self._channels if c.open_start is not None)
 
@@ -243,6 +271,8 @@ class StreamSession:
         ``interims_allowed(channel)`` says whether an interim may be requested
         now (the scheduler's load gate); None allows them."""
         self.bytes_received += len(payload)
+        if self._t0 is None:
+            self._t0 = self._clock() if self._clock is not None else 0.0
         decoded = self._decoder.decode(payload)
         return self._ingest(self._resample(decoded), interims_allowed)
 
@@ -336,12 +366,15 @@ class StreamSession:
 
     # -- lag ----------------------------------------------------------------
 
+    def _now(self) -> float:
+        if self._clock is not None:
+            return self._clock()
+        return (self._t0 or 0.0) + self.received_seconds
+
     def lag_seconds(self) -> float:
-        """How long ago (stream time) the oldest closed, untranscribed utterance ended."""
-        now = self.received_seconds
-        ends = [r.end_s for c in self._channels for r in c.pending.values()]
-        ends += [r.end_s for c in self._channels for r, _ in c.ready.values()]
-        return max(0.0, now - min(ends)) if ends else 0.0
+        """How long ago the oldest final still missing fell due (module docstring)."""
+        due = [d for c in self._channels for d in c.due.values()]
+        return max(0.0, self._now() - min(due)) if due else 0.0
 
     def check_lag(self) -> list[Event]:
         """A warning when the lag first passes ``lag_warning_s``; raises
@@ -479,6 +512,10 @@ class StreamSession:
             from_finalize=from_finalize,
         )
         ch.pending[utt] = req
+        # Live, the end's audio would have arrived at t0 + end; this client
+        # sent it (received - end) seconds of audio before now.
+        t0, now = self._t0 or 0.0, self._now()
+        ch.due[utt] = max(t0 + req.end_s, now - (self.received_seconds - req.end_s))
         out.requests.append(req)
         return out
 
@@ -486,6 +523,7 @@ class StreamSession:
         events: list[Event] = []
         while ch.next_emit in ch.ready:
             req, hyp = ch.ready.pop(ch.next_emit)
+            ch.due.pop(ch.next_emit, None)
             ch.next_emit += 1
             keep = hyp is not None and drop_reason(hyp, self.settings.guards) is None
             if keep:

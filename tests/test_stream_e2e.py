@@ -16,6 +16,7 @@ from aiohttp import ClientSession, WSServerHandshakeError
 from clients.stream import StreamClient, StreamRefusedError, encode_audio, transcribe_stream
 from models.vad import shared_model
 from service.config import load_config
+from service.scheduler import JobKind
 from service.server import Engine
 from tests.kit.live import final_texts, raw_stream, running_server, tone_engine
 from tests.kit.tones import ToneBackend, make_speech, random_script
@@ -357,21 +358,22 @@ def test_server_full_is_refused_with_503_and_retry_after() -> None:
     assert body["code"] == "server_full" and "max_streams" in body["message"]
 
 
-def _slow_engine(**overrides: Any) -> Engine:
-    # Each batch takes 0.6 s, while the audio is sent much faster than real time.
-    return tone_engine(ToneBackend(delay_s=0.6), max_batch=1, **overrides)
+def _slow_engine(delay_s: float, **overrides: Any) -> Engine:
+    # Each batch takes delay_s: slower than real time for a live client.
+    return tone_engine(ToneBackend(delay_s=delay_s), max_batch=1, **overrides)
 
 
 def test_lag_warning_only_for_clients_that_ask() -> None:
-    script = random_script(6, (1, 3), seed=5)
+    script = random_script(3, (1, 2), seed=5)
     audio, _ = make_speech(script, 16000, gap_s=0.8)
 
     async def main(warnings: bool) -> Any:
-        async with listen_url(_slow_engine(lag_warning_s=1.0, lag_limit_s=35.0)) as url:
+        engine = _slow_engine(2.5, lag_warning_s=1.0, lag_limit_s=35.0)
+        async with listen_url(engine) as url:
             return await transcribe_stream(
                 url,
                 audio,
-                realtime=False,
+                realtime=True,
                 interim_results=False,
                 warnings=warnings,
             )
@@ -386,13 +388,13 @@ def test_lag_warning_only_for_clients_that_ask() -> None:
     assert finals_text(silent) == utterances(script)
 
 
-def test_stream_past_the_lag_limit_is_closed_with_its_code() -> None:
-    script = random_script(10, (1, 3), seed=6)
+def test_live_stream_past_the_lag_limit_is_closed_with_its_code() -> None:
+    script = random_script(6, (1, 2), seed=6)
     audio, _ = make_speech(script, 16000, gap_s=0.8)
 
     async def main() -> Any:
-        async with listen_url(_slow_engine(lag_warning_s=1.0, lag_limit_s=2.0)) as url:
-            return await transcribe_stream(url, audio, realtime=False, interim_results=False)
+        async with listen_url(_slow_engine(3.0, lag_warning_s=1.0, lag_limit_s=2.0)) as url:
+            return await transcribe_stream(url, audio, realtime=True, interim_results=False)
 
     result = run(main)
     assert result.close_code == 4429
@@ -402,6 +404,43 @@ def test_stream_past_the_lag_limit_is_closed_with_its_code() -> None:
     # Finals of the audio received before the close are still delivered, in order.
     got = finals_text(result)
     assert got and got == utterances(script)[: len(got)]
+
+
+def test_a_client_faster_than_real_time_is_not_lagging() -> None:
+    # The same slow server that closes a live client: a client that sends a
+    # recording as fast as it can is held back by back-pressure instead, and
+    # gets every final (the server is still faster than real time for it).
+    script = random_script(12, (1, 3), seed=6)
+    audio, _ = make_speech(script, 16000, gap_s=0.8)
+    engine = _slow_engine(0.3, lag_warning_s=1.0, lag_limit_s=2.0)
+
+    async def main() -> Any:
+        async with listen_url(engine) as url:
+            return await transcribe_stream(
+                url, audio, realtime=False, interim_results=True, warnings=True
+            )
+
+    result = run(main)
+    assert result.close_code == 1000
+    assert not [m for m in result.messages if m["type"] in ("Warning", "Error")]
+    assert finals_text(result) == utterances(script)
+    assert engine.scheduler.stats().completed[JobKind.FINAL] >= len(script)
+
+
+def test_ten_minutes_sent_fast_get_every_final() -> None:
+    script = random_script(340, (2, 5), seed=21)
+    audio, _ = make_speech(script, 8000, gap_s=0.8)
+    assert len(audio) / 8000 >= 600
+
+    async def main() -> Any:
+        async with listen_url(tone_engine()) as url:
+            return await transcribe_stream(
+                url, audio, encoding="mulaw", sample_rate=8000, realtime=False
+            )
+
+    result = run(main)
+    assert result.close_code == 1000
+    assert finals_text(result) == utterances(script)
 
 
 # -- more of the streaming policy ------------------------------------------------
