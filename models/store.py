@@ -169,12 +169,13 @@ class ModelStore:
         """The model to serve when none is named, and why: base before tiny.en,
         each if it is in the store or its PyPI package is installed; else
         ``base`` (whose resolution then says how to bring it in)."""
+        installable = pypi.installable()
         for name in pypi.PREFERRED_DEFAULTS:
             if is_model_folder(self.path_for(name)):
                 return name, f"no model named; {name} is in the model store"
-        for name in pypi.installable():
-            delivery = pypi.DELIVERIES[name]
-            return name, f"no model named; {name} is installed from PyPI ({delivery.label})"
+            if name in installable:
+                delivery = pypi.DELIVERIES[name]
+                return name, f"no model named; {name} is installed from PyPI ({delivery.label})"
         return "base", "no model named and none installed; base is the default"
 
     def pull(

@@ -255,7 +255,9 @@ def load_config(
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per setting (default None, so unset flags don't override)."""
+    """One ``--flag`` per setting. Unset flags set nothing (not even None), so
+    they neither override other sources nor hide a value that a parent parser
+    set under the same name (``earshot --models-dir X serve``)."""
     parser.add_argument(
         "--config",
         default=os.environ.get("EARSHOT_CONFIG"),
@@ -268,12 +270,12 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 flag,
                 dest=f.name,
-                default=None,
+                default=argparse.SUPPRESS,
                 action=argparse.BooleanOptionalAction,
                 help=help_text,
             )
         else:
-            parser.add_argument(flag, dest=f.name, default=None, help=help_text)
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
