@@ -308,6 +308,8 @@ class TranscriptEvent:
     from_finalize: bool = False
     utterance: int = 0
     stable_words: int = 0
+    # The language the window was decoded in (ISO code; "" when unknown).
+    language: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -340,7 +342,28 @@ def _r(x: float) -> float:
 
 
 def results_message(ev: TranscriptEvent, request_id: str, model_name: str) -> dict[str, Any]:
-    """A Deepgram-shaped ``Results`` message, with Earshot's additions under ``earshot``."""
+    """A Deepgram-shaped ``Results`` message, with Earshot's additions under ``earshot``.
+
+    The language a result was decoded in is where Deepgram's clients look for
+    it: ``channel.detected_language`` and the alternative's ``languages``."""
+    alternative: dict[str, Any] = {
+        "transcript": ev.transcript,
+        "confidence": _r(ev.confidence),
+        "words": [
+            {
+                "word": w.word,
+                "start": _r(w.start),
+                "end": _r(w.end),
+                "confidence": _r(w.confidence),
+                "punctuated_word": w.punctuated_word,
+            }
+            for w in ev.words
+        ],
+    }
+    channel: dict[str, Any] = {"alternatives": [alternative]}
+    if ev.language:
+        alternative["languages"] = [ev.language]
+        channel["detected_language"] = ev.language
     return {
         "type": "Results",
         "channel_index": [ev.channel, ev.channels],
@@ -349,24 +372,7 @@ def results_message(ev: TranscriptEvent, request_id: str, model_name: str) -> di
         "is_final": ev.is_final,
         "speech_final": ev.speech_final,
         "from_finalize": ev.from_finalize,
-        "channel": {
-            "alternatives": [
-                {
-                    "transcript": ev.transcript,
-                    "confidence": _r(ev.confidence),
-                    "words": [
-                        {
-                            "word": w.word,
-                            "start": _r(w.start),
-                            "end": _r(w.end),
-                            "confidence": _r(w.confidence),
-                            "punctuated_word": w.punctuated_word,
-                        }
-                        for w in ev.words
-                    ],
-                }
-            ]
-        },
+        "channel": channel,
         "metadata": {
             "request_id": request_id,
             "model_info": {"name": model_name, "version": PROTOCOL_VERSION, "arch": "whisper"},

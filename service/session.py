@@ -82,6 +82,9 @@ class SessionSettings:
     prompt_chars: int = 240
     lag_warning_s: float = 5.0
     lag_limit_s: float = 30.0
+    # An interim at least this long fixes the language of the utterance's
+    # later interims (when the stream detects its language).
+    language_lock_s: float = 1.5
     # Finals in flight per channel past which the shell stops reading the
     # stream's frames (back-pressure on a client faster than real time).
     max_finals_in_flight: int = 2
@@ -159,6 +162,10 @@ class _Channel:
     last_word_end: float = 0.0
     # When each closed utterance's final fell due (wall clock), for the lag.
     due: dict[int, float] = field(default_factory=dict)
+    # With language detection, the language the open utterance's interims
+    # keep once one long enough has detected it (interims stay in one
+    # language; the final detects again over the whole utterance).
+    interim_language: str | None = None
 
 
 def _confidence(avg_logprob: float) -> float:
@@ -344,6 +351,12 @@ class StreamSession:
                 or drop_reason(hypothesis, self.settings.guards) is not None
             ):
                 return []
+            if (
+                self.params.language is None
+                and ch.interim_language is None
+                and request.window.duration >= self.settings.language_lock_s
+            ):
+                ch.interim_language = hypothesis.language or None
             words = hypothesis_words(hypothesis, request.start_s, request.window.duration)
             stable = ch.stabilizer.update([w.punctuated_word for w in words])
             ch.interims_sent.add(request.utterance)
@@ -439,6 +452,7 @@ class StreamSession:
         ch.open_start = max(at, ch.last_end, ch.buffer.oldest)
         ch.utterance += 1
         ch.last_interim_end = ch.open_start
+        ch.interim_language = None
         ch.stabilizer.reset()
         if announce and self.params.vad_events:
             out.events.append(
@@ -456,7 +470,7 @@ class StreamSession:
         return Window(
             audio=ch.buffer.read(start, end),
             prompt=prompt,
-            language=self.params.language,
+            language=self.params.language or (None if final else ch.interim_language),
             hotwords=" ".join(self.params.keyterms) or None,
         )
 
@@ -567,5 +581,6 @@ class StreamSession:
             from_finalize=req.from_finalize,
             utterance=req.utterance,
             stable_words=stable,
+            language=hyp.language,
             extra=extra,
         )

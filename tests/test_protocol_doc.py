@@ -177,13 +177,25 @@ def sample_messages() -> dict[str, dict[str, Any]]:
     engine = server_mod.Engine.create(load_config(env={}), ToneBackend())
     final_extra = {"kind": "final", "provenance": engine.result_provenance({})}
     results = event_message(
-        TranscriptEvent(0, 1, 0.0, 0.5, "Hi.", 0.9, (word,), True, True, extra=final_extra),
+        TranscriptEvent(
+            0, 1, 0.0, 0.5, "Hi.", 0.9, (word,), True, True, language="en", extra=final_extra
+        ),
         "req",
         "base",
     )
     interim = event_message(
         TranscriptEvent(
-            0, 1, 0.0, 0.5, "Hi.", 0.9, (word,), False, False, extra={"kind": "interim"}
+            0,
+            1,
+            0.0,
+            0.5,
+            "Hi.",
+            0.9,
+            (word,),
+            False,
+            False,
+            language="en",
+            extra={"kind": "interim"},
         ),
         "req",
         "base",
