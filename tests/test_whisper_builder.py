@@ -280,7 +280,11 @@ def test_max_tokens_fit_behind_the_longest_prompt(
 ) -> None:
     built = build_whisper_model(tmp_path / "max", tokens=MAX_TOKENS)
     manifest = read_manifest(built)
-    model = WhisperModel(str(built), device="cpu", compute_type="int8", cpu_threads=2)
+    # Computed in float32: with int8 activations the positional "state" that
+    # ends decoding after 200 tokens drifts at positions past about 400 on
+    # some CPUs (an AMD EPYC here decoded 221 tokens), and quantization is not
+    # what this test is about (the planned tokens fitting behind the prompt).
+    model = WhisperModel(str(built), device="cpu", compute_type="float32", cpu_threads=2)
     # faster-whisper keeps the last 223 tokens of a prompt this long.
     prompt = " ".join(["again"] * 400)
     segments, _ = model.transcribe(speech, language="en", beam_size=1, initial_prompt=prompt)
