@@ -57,12 +57,14 @@ def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
     return asyncio.run(asyncio.wait_for(main(), timeout=150))
 
 
-def slow_engine(remote: FakeRemote | None = None, **overrides: Any) -> Engine:
+def slow_engine(
+    remote: FakeRemote | None = None, *, delay_s: float = 0.4, **overrides: Any
+) -> Engine:
     settings = {**SLOW, **overrides}
     if remote is not None:
         settings["remote_url"] = remote.url
     fallback = build_remote(load_config(env={}, overrides=settings))
-    return tone_engine(ToneBackend(delay_s=0.4), fallback=fallback, **settings)
+    return tone_engine(ToneBackend(delay_s=delay_s), fallback=fallback, **settings)
 
 
 def scripts(n: int) -> list[list[list[str]]]:
@@ -260,14 +262,23 @@ def test_on_prem_only_without_a_remote_under_overload_sends_nothing_anywhere() -
     new streams and HTTP requests get 503."""
     speech, _ = make_speech(random_script(8, (2, 3), seed=7), 16000, gap_s=0.8)
     pcm = encode_audio(speech, "linear16")
-    chunks: list[bytes | str | float] = [pcm[i : i + 3200] for i in range(0, len(pcm), 3200)]
+    # Live callers: 0.1 s of audio every 0.1 s (a client faster than real time
+    # is held back by back-pressure instead; it is not lagging).
+    chunks: list[bytes | str | float] = []
+    for i in range(0, len(pcm), 3200):
+        chunks += [pcm[i : i + 3200], 0.1]
     buffer = io.BytesIO()
     sf.write(buffer, speech[: 16000 * 2], 16000, format="WAV", subtype="PCM_16")
     wav = buffer.getvalue()
 
     with fake_remote() as remote:
         engine = slow_engine(
-            None, on_prem_only=True, lag_warning_s=1.0, lag_limit_s=4.0, max_queue=1
+            None,
+            delay_s=1.5,
+            on_prem_only=True,
+            lag_warning_s=1.0,
+            lag_limit_s=4.0,
+            max_queue=1,
         )
 
         async def main() -> Any:
