@@ -390,7 +390,8 @@ def folder_provenance(
         )
     return Provenance(
         name=name or (record.name if record else folder.name),
-        source=source or (record.source if record else f"local folder {folder}"),
+        # Never the folder's path: clients see provenance, not the server's files.
+        source=source or (record.source if record else "local folder (no record)"),
         revision=record.revision if record else None,
         license=license or (record.license if record else None),
         path=str(folder),

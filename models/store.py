@@ -118,7 +118,7 @@ class ModelStore:
         write_record(
             tmp,
             name=name,
-            source=source or (old.source if old else f"imported from {src}"),
+            source=source or (old.source if old else "imported from a local folder"),
             revision=old.revision if old else None,
             license=(old.license if old else None) or (entry.license if entry else None),
         )

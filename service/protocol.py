@@ -28,6 +28,14 @@ class InvalidParameterError(InvalidRequestError):
     code = "invalid_parameter"
 
 
+class UnsupportedParameterError(InvalidRequestError):
+    """A Deepgram parameter whose effect a client relies on (redaction, a
+    callback, diarization...) and that Earshot does not implement: refused,
+    never silently ignored."""
+
+    code = "unsupported_parameter"
+
+
 class InvalidMessageError(InvalidRequestError):
     """A text frame that is not a JSON control message we know. Not fatal."""
 
@@ -51,8 +59,8 @@ CLOSE_LAGGING = 4429  # the stream fell too far behind real time
 CLOSE_CLIENT_NOT_READING = 4430  # the client stopped reading its messages
 CLOSE_OVERLOADED = 4503
 
-# Deepgram options that change nothing here; accepted so that existing
-# clients work, and listed in Metadata as ignored.
+# Deepgram options that only shape the text (formatting, tags, billing):
+# accepted so that existing clients work, and listed in Metadata as ignored.
 IGNORED_PARAMETERS = frozenset(
     {
         "punctuate",
@@ -60,24 +68,34 @@ IGNORED_PARAMETERS = frozenset(
         "profanity_filter",
         "filler_words",
         "numerals",
-        "dictation",
-        "diarize",
-        "diarize_version",
+        "measurements",
         "tag",
         "version",
         "tier",
         "no_delay",
         "mip_opt_out",
-        "callback",
-        "callback_method",
         "extra",
-        "redact",
-        "replace",
-        "search",
-        "keywords",
-        "alternatives",
     }
 )
+
+# Deepgram options whose effect a client depends on and that Earshot does not
+# implement, with why. Each is refused before the upgrade when it asks for the
+# effect; a value that asks for nothing (``redact=false``) is accepted.
+UNSUPPORTED_PARAMETERS: dict[str, str] = {
+    "redact": "redaction is not implemented: the transcript would still hold what the "
+    "client wants removed",
+    "callback": "results are only sent on this websocket; nothing is ever sent to a callback",
+    "callback_method": "results are only sent on this websocket, never to a callback",
+    "search": "search is not implemented: no hits would be reported",
+    "replace": "find-and-replace is not implemented: the words would not be replaced",
+    "diarize": "speaker diarization is not implemented; send each speaker as its own "
+    "channel with multichannel=true",
+    "diarize_version": "speaker diarization is not implemented",
+    "dictation": "spoken punctuation commands are not converted",
+    "alternatives": "one alternative is returned per result",
+}
+_NOTHING_ASKED = frozenset({"", "false", "0", "no", "off"})
+_ONE_ALTERNATIVE = frozenset({"1"})
 
 KNOWN_PARAMETERS = frozenset(
     {
@@ -93,6 +111,8 @@ KNOWN_PARAMETERS = frozenset(
         "model",
         "words",
         "keyterm",
+        "keywords",
+        "detect_language",
         "warnings",
     }
 )
@@ -196,7 +216,24 @@ def parse_params(
         if key == "keyterm":
             if value.strip():
                 keyterms.append(value.strip())
+        elif key == "keywords":
+            # Deepgram's older keyword boosting, "word:intensifier": the word
+            # becomes a key term (Whisper takes no intensity).
+            word = value.rsplit(":", 1)[0].strip() if ":" in value else value.strip()
+            if word:
+                keyterms.append(word)
         elif key in IGNORED_PARAMETERS:
+            ignored.append(key)
+        elif key in UNSUPPORTED_PARAMETERS:
+            asks = value.strip().lower()
+            if asks not in _NOTHING_ASKED and not (
+                key == "alternatives" and asks in _ONE_ALTERNATIVE
+            ):
+                raise UnsupportedParameterError(
+                    f"parameter {key}={value!r} is not supported: {UNSUPPORTED_PARAMETERS[key]}",
+                    field=key,
+                    value=value,
+                )
             ignored.append(key)
         elif key in KNOWN_PARAMETERS:
             if key in single:
@@ -230,7 +267,14 @@ def parse_params(
                 MIN_ENDPOINTING_MS, _parse_int("endpointing", raw, 0, MAX_ENDPOINTING_MS)
             )
     language: str | None = default_language
-    if "language" in single:
+    if "detect_language" in single and _parse_bool("detect_language", single["detect_language"]):
+        if "language" in single and single["language"].strip().lower() not in ("auto", "multi"):
+            raise InvalidParameterError(
+                "detect_language=true and a language were both given; give one of them",
+                field="detect_language",
+            )
+        language = None
+    elif "language" in single:
         raw = single["language"].strip()
         language = None if raw.lower() in ("auto", "multi", "") else raw.split("-")[0].lower()
     utterance_end = (
@@ -265,7 +309,7 @@ def parse_control(text: str) -> str:
     """
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply
         raise InvalidMessageError(
             "text frames must be JSON control messages such as "
             '{"type": "KeepAlive"}; this one is not valid JSON',

@@ -33,6 +33,7 @@ from service.protocol import (
     CONTROL_TYPES,
     DEFAULT_ENDPOINTING_MS,
     IGNORED_PARAMETERS,
+    UNSUPPORTED_PARAMETERS,
     KNOWN_PARAMETERS,
     MAX_ENDPOINTING_MS,
     MIN_ENDPOINTING_MS,
@@ -111,11 +112,12 @@ def section(title: str) -> str:
 
 def table(title: str) -> list[list[str]]:
     """The rows (cells stripped) of the first table in a section, header excluded."""
-    rows = [
-        [cell.strip() for cell in line.strip().strip("|").split("|")]
-        for line in section(title).splitlines()
-        if line.strip().startswith("|")
-    ]
+    rows: list[list[str]] = []
+    for line in section(title).splitlines():
+        if line.strip().startswith("|"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif rows:
+            break  # the first table only
     assert len(rows) > 2, f"no table in section {title!r}"
     return rows[2:]  # header and separator
 
@@ -403,10 +405,38 @@ def test_query_parameter_defaults_and_ranges_behave_as_documented() -> None:
 
 
 def test_ignored_and_unknown_parameters() -> None:
-    listed = set(ticked(section("Accepted and ignored").split(":", 1)[1]))
+    listed = set(ticked(section("Accepted and ignored").split(":", 1)[1].strip().split("\n\n")[0]))
     assert listed == set(IGNORED_PARAMETERS)
     p = parse_params([(name, "x") for name in sorted(listed)])
     assert set(p.ignored) == listed
+
+
+def test_parameters_whose_effect_is_not_implemented_are_refused() -> None:
+    rows = table("Refused: effects Earshot does not implement")
+    documented = {name for row in rows for name in ticked(row[0])}
+    assert documented == set(UNSUPPORTED_PARAMETERS)
+    for name in sorted(documented):
+        with pytest.raises(EarshotError) as info:
+            parse_params([(name, "pci" if name == "redact" else "2")])
+        assert info.value.code == "unsupported_parameter"
+        assert info.value.details["field"] == name and name in info.value.message
+        # Asking for nothing is accepted, and listed as ignored.
+        value = "1" if name == "alternatives" else "false"
+        assert parse_params([(name, value)]).ignored == (name,)
+    assert "`unsupported_parameter`" in section("Refused: effects Earshot does not implement")
+
+
+def test_deepgram_spellings_of_language_detection_and_keywords() -> None:
+    assert parse_params([("detect_language", "true")]).language is None
+    assert parse_params([("detect_language", "false")]).language == "en"
+    assert parse_params([("detect_language", "true"), ("language", "auto")]).language is None
+    with pytest.raises(EarshotError) as info:
+        parse_params([("detect_language", "true"), ("language", "de")])
+    assert info.value.code == "invalid_parameter"
+    assert parse_params([("keywords", "Earshot:2"), ("keyterm", "Twilio")]).keyterms == (
+        "Earshot",
+        "Twilio",
+    )
     with pytest.raises(EarshotError) as info:
         parse_params([("no_such_parameter", "1")])
     assert info.value.code == "unknown_parameter"
