@@ -302,9 +302,8 @@ def _write_line(bar: Any, line: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
     import logging
-
-    from aiohttp import web
 
     from models.runner import RunnerSettings, WhisperRunner
     from models.store import ModelStore
@@ -314,6 +313,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.egress import activate, egress_reason
     from service.logs import configure_logging
     from service.server import Engine, create_app
+    from service.serving import serve
     from service.startup import (
         build_egress_guard,
         build_remote,
@@ -377,15 +377,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "policy": engine.policy,
         },
     )
-    # SIGTERM and SIGINT stop accepting, flush every stream's finals, close
-    # them with 1001 and exit 0 (service/server.py, Engine.shut_down).
-    web.run_app(
-        create_app(engine),
-        host=cfg.host,
-        port=cfg.port,
-        print=None,
-        shutdown_timeout=cfg.shutdown_timeout_s + 5.0,
-    )
+    # SIGTERM and SIGINT: /readyz and new streams answer 503 while every open
+    # stream gets its finals and close code 1001, then the listener closes and
+    # the process exits 0, within shutdown_timeout_s (service/serving.py).
+    asyncio.run(serve(create_app(engine), cfg, drain=engine.shut_down))
     log.info("stopped")
     return EXIT_OK
 

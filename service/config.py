@@ -79,7 +79,27 @@ class Config:
         30.0, "at the end of a stream, how long to wait for its last finals"
     )
     shutdown_timeout_s: float = _f(
-        20.0, "on SIGTERM/SIGINT, how long open streams get to receive their finals"
+        20.0,
+        "on SIGTERM/SIGINT, the longest the whole exit may take (open streams get their "
+        "finals within it)",
+    )
+    drain_s: float = _f(
+        2.0,
+        "on SIGTERM/SIGINT, how long at least the listener keeps answering /readyz and new "
+        "streams with 503 before it closes (so that load balancers see the drain)",
+    )
+    header_timeout_s: float = _f(
+        10.0,
+        "a connection must complete its request headers this soon after it opens or after "
+        "its previous response, or it is closed (also the idle keep-alive time)",
+    )
+    body_timeout_s: float = _f(
+        30.0, "an upload that sends no byte of its body for this long is answered 408"
+    )
+    max_pending_connections: int = _f(
+        256,
+        "connections that have not yet sent a complete request, at most; more are "
+        "answered 503 and closed",
     )
     log_level: str = _f("info", "debug, info, warning or error")
     log_format: str = _f("json", "json (one object per line) or text")
@@ -209,6 +229,11 @@ def _validate(cfg: Config) -> Config:
         ("remote_timeout_s", cfg.remote_timeout_s > 0, "above 0"),
         ("remote_max_retries", 0 <= cfg.remote_max_retries <= 10, "from 0 to 10"),
         ("socket_send_buffer", cfg.socket_send_buffer >= 4096, "at least 4096"),
+        ("shutdown_timeout_s", cfg.shutdown_timeout_s > 0, "above 0"),
+        ("drain_s", 0 <= cfg.drain_s <= cfg.shutdown_timeout_s, "from 0 to shutdown_timeout_s"),
+        ("header_timeout_s", cfg.header_timeout_s > 0, "above 0"),
+        ("body_timeout_s", cfg.body_timeout_s > 0, "above 0"),
+        ("max_pending_connections", cfg.max_pending_connections >= 1, "at least 1"),
         ("device", cfg.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
     ]
     for name, ok, allowed in checks:

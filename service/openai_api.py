@@ -32,9 +32,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from aiohttp import BodyPartReader, web
@@ -59,6 +59,8 @@ from service.server import (
 )
 
 log = logging.getLogger("earshot.http")
+
+T = TypeVar("T")
 
 MAX_FIELD_BYTES = 64 * 1024
 """Largest non-file form field (prompt, language, ...)."""
@@ -213,12 +215,38 @@ def _too_large(size: int, limit: int) -> UploadTooLargeError:
     )
 
 
-async def _read_part(part: BodyPartReader, budget: int, limit: int, cap: int) -> bytes:
+class MalformedUploadError(InvalidRequestError):
+    """The body is not the multipart form it claims to be."""
+
+    code = "invalid_multipart"
+
+
+class BodyTimeoutError(EarshotError):
+    """The client stopped sending its body."""
+
+    code = "body_timeout"
+    http_status = 408
+
+
+async def _within(step: Awaitable[T], timeout: float) -> T:
+    """One read of the body; the client may pause at most ``timeout`` seconds."""
+    try:
+        return await asyncio.wait_for(step, timeout)
+    except asyncio.TimeoutError:
+        raise BodyTimeoutError(
+            f"no byte of the request body arrived for {timeout:g} s (body_timeout_s)",
+            limit_s=timeout,
+        ) from None
+
+
+async def _read_part(
+    part: BodyPartReader, budget: int, limit: int, cap: int, timeout: float
+) -> bytes:
     """Read one part, refusing it past ``budget`` bytes of body left or ``cap``."""
     chunks: list[bytes] = []
     size = 0
     while True:
-        chunk = await part.read_chunk(64 * 1024)
+        chunk = await _within(part.read_chunk(64 * 1024), timeout)
         if not chunk:
             return b"".join(chunks)
         size += len(chunk)
@@ -240,14 +268,35 @@ def _bool(name: str, raw: str) -> bool:
     raise InvalidRequestError(f"{name} must be true or false, not {raw!r}", field=name)
 
 
-async def read_upload(request: web.Request, limit: int) -> AudioRequest:
-    """Parse OpenAI's multipart form, streaming, with ``limit`` bytes at most."""
+async def read_upload(request: web.Request, limit: int, timeout: float = 30.0) -> AudioRequest:
+    """Parse OpenAI's multipart form, streaming, with ``limit`` bytes at most
+    and at most ``timeout`` seconds between two pieces of the body.
+
+    Raises coded errors only: ``invalid_multipart`` for a body that is not the
+    multipart form its headers announce (no or a bad boundary, cut short),
+    ``upload_too_large``, ``body_timeout`` and ``invalid_request``.
+    """
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(request.content_length, limit)
     if not request.content_type.startswith("multipart/"):
         raise InvalidRequestError(
             f"the body must be multipart/form-data, not {request.content_type!r}", field="file"
         )
+    try:
+        return await _read_form(request, limit, timeout)
+    except EarshotError:
+        raise
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception as exc:  # aiohttp's reader raises several types for bad bodies
+        raise MalformedUploadError(
+            f"the body is not a valid multipart/form-data form ({type(exc).__name__}: {exc}); "
+            "send it with a boundary that the body uses, every part complete",
+            field="file",
+        ) from None
+
+
+async def _read_form(request: web.Request, limit: int, timeout: float) -> AudioRequest:
     reader = await request.multipart()
     fields: dict[str, str] = {}
     granularities: list[str] = []
@@ -255,18 +304,18 @@ async def read_upload(request: web.Request, limit: int) -> AudioRequest:
     filename = "upload"
     used = 0
     while True:
-        part = await reader.next()
+        part = await _within(reader.next(), timeout)
         if part is None:
             break
         if not isinstance(part, BodyPartReader):
             raise InvalidRequestError("nested multipart bodies are not accepted", field="file")
         name = part.name or ""
         if name == "file":
-            audio = await _read_part(part, limit - used, limit, limit)
+            audio = await _read_part(part, limit - used, limit, limit, timeout)
             used += len(audio)
             filename = part.filename or filename
             continue
-        raw = await _read_part(part, limit - used, limit, MAX_FIELD_BYTES)
+        raw = await _read_part(part, limit - used, limit, MAX_FIELD_BYTES, timeout)
         used += len(raw)
         text = raw.decode("utf-8", errors="replace")
         if name in ("timestamp_granularities[]", "timestamp_granularities"):
@@ -592,7 +641,7 @@ async def _transcribe(request: web.Request, task: str) -> web.StreamResponse:
         options = _task_options(engine, task)
         if not engine.scheduler.accepting():
             raise ServerFullError("the decode queue is past its high watermark (max_queue)")
-        req = await read_upload(request, cfg.max_upload_bytes)
+        req = await read_upload(request, cfg.max_upload_bytes, cfg.body_timeout_s)
         resolve_model(engine, req.model)
         language = req.language
         if language is None and task == "transcribe":

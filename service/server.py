@@ -102,6 +102,13 @@ class ServerFullError(EarshotError):
     http_status = 503
 
 
+class WebsocketRequiredError(EarshotError):
+    """A plain HTTP request to the websocket endpoint."""
+
+    code = "websocket_required"
+    http_status = 426
+
+
 def final_options(cfg: Config) -> DecodeOptions:
     return DecodeOptions(
         beam_size=cfg.final_beam_size,
@@ -138,18 +145,21 @@ class Engine:
     streams: set[LiveStream] = field(default_factory=set)
     shutting_down: bool = False
 
-    async def shut_down(self) -> None:
+    async def shut_down(self, deadline: float | None = None) -> None:
         """Graceful shutdown: refuse new streams, end every open one (each gets
-        the finals of the speech it sent, then close code 1001), within
-        ``shutdown_timeout_s``."""
+        the finals of the speech it sent, then close code 1001), by the loop
+        time ``deadline`` (default: ``shutdown_timeout_s`` from now)."""
         self.shutting_down = True
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = loop.time() + self.config.shutdown_timeout_s
         streams = list(self.streams)
         for stream in streams:
             stream.stop()
         if streams:
             await asyncio.wait(
                 [asyncio.ensure_future(s.finished.wait()) for s in streams],
-                timeout=self.config.shutdown_timeout_s,
+                timeout=max(0.0, deadline - loop.time()),
             )
 
     @classmethod
@@ -713,6 +723,15 @@ async def handle_listen(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(
         max_msg_size=cfg.max_frame_bytes * 4, timeout=5.0, protocols=("token",)
     )
+    if not ws.can_prepare(request).ok:
+        return refuse(
+            WebsocketRequiredError(
+                "GET /v1/listen is a websocket endpoint: send the upgrade headers "
+                "(Connection: Upgrade, Upgrade: websocket, Sec-WebSocket-Key, "
+                "Sec-WebSocket-Version: 13)"
+            ),
+            headers={"Upgrade": "websocket"},
+        )
     await ws.prepare(request)
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is not None:
@@ -771,7 +790,9 @@ async def handle_ready(request: web.Request) -> web.Response:
 
 def create_app(engine: Engine) -> web.Application:
     """The aiohttp application for ``engine``; starts and stops its scheduler."""
-    app = web.Application()
+    from service.serving import error_middleware
+
+    app = web.Application(middlewares=[error_middleware])
     app[ENGINE] = engine
 
     async def lifecycle(app: web.Application) -> Any:

@@ -138,10 +138,10 @@ def test_bind_policy_refuses_empty_keys_file(tmp_path: Path) -> None:
 
 def test_register_auth_is_idempotent() -> None:
     app = create_app(tone_engine(api_keys=KEY))
-    before = len(app.middlewares)  # auth's and the metrics' request counter
+    before = len(app.middlewares)  # the JSON errors', auth's and the metrics' request counter
     register_auth(app)
     register_auth(app)
-    assert len(app.middlewares) == before == 2
+    assert len(app.middlewares) == before == 3
     assert callable(auth_middleware(load_config(env={})))
 
 

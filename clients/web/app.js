@@ -336,10 +336,10 @@
   // server refuses before the upgrade with a JSON body, so the page asks again
   // over plain HTTP: a GET of the same URL with the key as a Bearer header
   // meets the same key, capacity and parameter checks (a same-origin GET
-  // carries no Origin header, so it passes the origin check; an accepted one
-  // gets a plain-text 400 from the websocket layer, which is not JSON). If the
-  // GET finds nothing, a POST, which browsers send with an Origin header,
-  // meets the origin check; past it, the server answers 405 (not JSON).
+  // carries no Origin header, so it passes the origin check; one that passes
+  // every check is answered 426 websocket_required). If the GET finds
+  // nothing, a POST, which browsers send with an Origin header, meets the
+  // origin check; past it, the server answers 405 method_not_allowed.
   async function explainRefusal(wsUrl, key) {
     const url = wsUrl.replace(/^ws/, "http");
     for (const method of ["GET", "POST"]) {
@@ -358,7 +358,9 @@
         if (!response.ok && type.includes("json")) {
           const body = await response.json();
           const error = body.error && typeof body.error === "object" ? body.error : body;
-          if (error.code || error.message) {
+          // These say only that the request passed every check.
+          const passed = error.code === "websocket_required" || error.code === "method_not_allowed";
+          if (!passed && (error.code || error.message)) {
             return {
               status: response.status,
               code: error.code || "",

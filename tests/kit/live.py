@@ -14,6 +14,7 @@ from models.backend import Backend
 from models.vad import shared_model
 from service.config import load_config
 from service.server import Engine, create_app
+from service.serving import EarshotRunner
 from tests.kit.tones import ToneBackend
 
 
@@ -37,7 +38,7 @@ async def running_server(
     app = create_app(engine)
     if configure is not None:
         configure(app)
-    runner = web.AppRunner(app, handle_signals=False)
+    runner = EarshotRunner(app, engine.config)
     await runner.setup()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
