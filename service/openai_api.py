@@ -673,7 +673,10 @@ async def _transcribe(request: web.Request, task: str) -> web.StreamResponse:
         retry = None
         if isinstance(exc, ServerFullError | SchedulerStoppedError):
             retry = {"Retry-After": "2" if isinstance(exc, ServerFullError) else "5"}
-        return openai_error(exc, engine, headers=retry)
+        response = openai_error(exc, engine, headers=retry)
+        if isinstance(exc, BodyTimeoutError | MalformedUploadError):
+            response.force_close()  # the rest of the body is not worth waiting for
+        return response
     log.info(
         "%s request",
         task,

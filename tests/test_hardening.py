@@ -133,3 +133,191 @@ def test_clients_never_learn_the_servers_file_system(micro_model: Path) -> None:
     assert folder not in shown and str(micro_model.parent) not in shown
     provenance = messages[0]["earshot"]["model"]
     assert provenance["model_sha256"] and "path" not in provenance
+
+
+# -- the HTTP level ---------------------------------------------------------------
+
+
+async def raw_http(url: str, data: bytes, *, read_timeout: float = 10.0) -> bytes:
+    """Send ``data`` on a fresh TCP connection to the server; its answer (one
+    response, read by its Content-Length), or b"" if it closes without one."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        await writer.drain()
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = await asyncio.wait_for(reader.read(65536), read_timeout)
+            if not chunk:
+                return buf
+            buf += chunk
+        head, _, body = buf.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(body) < length:
+            chunk = await asyncio.wait_for(reader.read(65536), read_timeout)
+            if not chunk:
+                break
+            body += chunk
+        return head + b"\r\n\r\n" + body
+    finally:
+        writer.close()
+
+
+def parse_response(raw: bytes) -> tuple[int, dict[str, str], Any]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
+    return status, headers, json.loads(body) if body else None
+
+
+def code_of(body: dict[str, Any]) -> str:
+    return str(body["error"]["code"] if "error" in body else body["code"])
+
+
+MULTIPART = "multipart/form-data; boundary="
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        (MULTIPART + "XyZ", b"not a multipart body"),
+        (MULTIPART, b"--\r\n\r\n"),
+        ("multipart/form-data", b"--abc\r\ncontent-disposition: form-data; name=file\r\n\r\nx"),
+        (MULTIPART + "b" * 300, b"--" + b"b" * 300 + b"\r\n"),
+        (
+            MULTIPART + "abc",
+            b'--abc\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF',
+        ),
+    ],
+)
+def test_malformed_multipart_gets_a_coded_400_not_a_500(content_type: str, body: bytes) -> None:
+    async def main() -> tuple[int, dict[str, Any], int]:
+        async with running_server(tone_engine(body_timeout_s=2.0)) as url, ClientSession() as http:
+            headers = {"Content-Type": content_type}
+            async with http.post(
+                url + "/v1/audio/transcriptions", data=body, headers=headers
+            ) as resp:
+                answer = resp.status, await resp.json()
+            async with http.get(url + "/healthz") as resp:
+                return (*answer, resp.status)
+
+    status, answer, health = run(main)
+    assert status == 400 and health == 200
+    assert answer["error"]["code"] == "invalid_multipart", answer
+    assert answer["error"]["type"] == "invalid_request_error"
+
+
+def test_the_frameworks_own_refusals_are_json_with_codes() -> None:
+    async def main() -> dict[str, tuple[int, dict[str, str], Any]]:
+        out = {}
+        async with running_server(tone_engine()) as url:
+            requests = {
+                "404": b"GET /no/such/path HTTP/1.1\r\nHost: x\r\n\r\n",
+                "404-openai": b"GET /v1/audio/nothing HTTP/1.1\r\nHost: x\r\n\r\n",
+                "405": b"DELETE /v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
+                "426": b"GET /v1/listen HTTP/1.1\r\nHost: x\r\n\r\n",
+                "400-line": b"GET /\x00bad HTTP/1.1\r\nHost: x\r\n\r\n",
+                "400-garbage": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n",
+                "431-long": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: "
+                + b"a" * 20_000
+                + b"\r\n\r\n",
+                "431-many": b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+                + b"".join(b"X-%d: 1\r\n" % i for i in range(200))
+                + b"\r\n",
+            }
+            for name, data in requests.items():
+                out[name] = parse_response(await raw_http(url, data, read_timeout=5))
+        return out
+
+    answers = run(main)
+    expected = {
+        "404": (404, "not_found"),
+        "404-openai": (404, "not_found"),
+        "405": (405, "method_not_allowed"),
+        "426": (426, "websocket_required"),
+        "400-line": (400, "bad_request"),
+        "400-garbage": (400, "bad_request"),
+        "431-long": (431, "request_header_too_large"),
+        "431-many": (431, "request_header_too_large"),
+    }
+    for name, (status, code) in expected.items():
+        got_status, headers, body = answers[name]
+        assert (got_status, code_of(body)) == (status, code), (name, body)
+        assert headers["content-type"].startswith("application/json"), name
+        assert body.get("message") or body["error"]["message"], name
+    assert "error" in answers["404-openai"][2]  # OpenAI's envelope under /v1/audio
+    assert "allow" in answers["405"][1]
+
+
+def test_query_string_secrets_never_reach_the_access_log(caplog: pytest.LogCaptureFixture) -> None:
+    secrets = {"token": "sk-tok-123", "api_key": "sk-api-456", "key": "sk-k-789"}
+    secrets["access_token"] = "sk-acc-000"
+
+    async def main() -> None:
+        engine = tone_engine(api_keys="the-real-key")
+        async with running_server(engine) as url, ClientSession() as http:
+            for name, value in secrets.items():
+                async with http.get(f"{url}/v1/listen?{name}={value}&encoding=linear16") as r:
+                    assert r.status == 401
+
+    with caplog.at_level("INFO", logger="earshot.access"):
+        run(main)
+    lines = [r for r in caplog.records if r.name == "earshot.access"]
+    assert len(lines) == len(secrets)
+    text = "\n".join(r.getMessage() + json.dumps(r.__dict__, default=str) for r in lines)
+    for value in secrets.values():
+        assert value not in text
+    assert text.count("REDACTED") >= len(secrets) and "encoding=linear16" in text
+
+
+def test_incomplete_requests_are_closed_after_the_header_timeout() -> None:
+    async def main() -> tuple[float, bytes, float, int, dict[str, Any]]:
+        engine = tone_engine(header_timeout_s=0.5, body_timeout_s=0.5)
+        async with running_server(engine) as url:
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            # Headers that never finish (slowloris): closed, nothing answered.
+            partial = await raw_http(url, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n")
+            header_s = loop.time() - t0
+            # A body shorter than its Content-Length: 408 body_timeout.
+            t0 = loop.time()
+            head = (
+                b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: multipart/form-data; boundary=abc\r\nContent-Length: 100000\r\n\r\n"
+                b'--abc\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+            )
+            answer = await raw_http(url, head)
+            body_s = loop.time() - t0
+            status, _, body = parse_response(answer)
+            return header_s, partial, body_s, status, body
+
+    header_s, partial, body_s, status, body = run(main)
+    assert partial == b"" and 0.4 < header_s < 3.0
+    assert status == 408 and body["error"]["code"] == "body_timeout"
+    assert 0.4 < body_s < 3.0
+
+
+def test_connections_without_a_request_are_bounded() -> None:
+    async def main() -> tuple[int, dict[str, Any], int]:
+        engine = tone_engine(max_pending_connections=3, header_timeout_s=30.0)
+        async with running_server(engine) as url:
+            host, port = url.removeprefix("http://").split(":")
+            idle = [await asyncio.open_connection(host, int(port)) for _ in range(3)]
+            await asyncio.sleep(0.2)
+            refused = parse_response(await raw_http(url, b"", read_timeout=5))
+            for _, writer in idle:
+                writer.close()
+            await asyncio.sleep(0.2)
+            async with ClientSession() as http, http.get(url + "/healthz") as resp:
+                return refused[0], refused[2], resp.status
+
+    status, body, after = run(main)
+    assert status == 503 and body["code"] == "too_many_connections"
+    assert "max_pending_connections" in body["message"]
+    assert after == 200  # once the idle ones are gone, requests are served again

@@ -139,3 +139,73 @@ def test_sigterm_during_eight_streams(micro_model: Path, testdata: Path, tmp_pat
         assert last["start"] + last["duration"] >= 2.5
         assert last["channel"]["alternatives"][0]["transcript"]
     assert refused in (503, -1)
+
+
+def test_sigterm_drains_with_503_and_exits_on_time_despite_stalled_uploads(
+    micro_model: Path, tmp_path: Path
+) -> None:
+    """A load balancer sees a draining backend, not a dead one: after SIGTERM
+    the listener answers /readyz and new streams with 503 and Retry-After for
+    at least drain_s, and the process exits within shutdown_timeout_s even
+    though 30 uploads have stopped sending their bodies."""
+    import subprocess
+
+    port = free_port()
+    log = (tmp_path / "server.log").open("wb")
+    env = {
+        **os.environ,
+        "EARSHOT_SHUTDOWN_TIMEOUT_S": "6",
+        "EARSHOT_DRAIN_S": "2",
+        "EARSHOT_BODY_TIMEOUT_S": "120",
+    }
+    argv = [sys.executable, "-m", "service.cli", "serve", "--model", str(micro_model)]
+    proc = subprocess.Popen(
+        [*argv, "--port", str(port), "--device", "cpu"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    stalled: list[socket.socket] = []
+
+    def ask(request: bytes) -> tuple[int, bytes]:
+        with socket.create_connection(("127.0.0.1", port), timeout=3) as conn:
+            conn.sendall(request)
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        return int(answer.split(b" ")[1]), answer
+
+    try:
+        wait_healthy(port, proc)
+        head = (
+            b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: multipart/form-data; boundary=abc\r\nContent-Length: 1000000\r\n\r\n"
+            b'--abc\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF'
+        )
+        for _ in range(30):
+            conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+            conn.sendall(head)
+            stalled.append(conn)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        ready, ready_answer = ask(b"GET /readyz HTTP/1.0\r\n\r\n")
+        listen, listen_answer = ask(b"GET /v1/listen HTTP/1.0\r\n\r\n")
+        code = proc.wait(timeout=30)
+        elapsed = time.monotonic() - t0
+    finally:
+        for conn in stalled:
+            conn.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert ready == 503 and b'"ready": false' in ready_answer
+    assert listen == 503 and b"server_shutting_down" in listen_answer
+    assert b"Retry-After: 5" in listen_answer
+    assert code == 0
+    assert 2.0 <= elapsed <= 6 + 1.0, elapsed
+    lines = (tmp_path / "server.log").read_text().splitlines()
+    assert json.loads(lines[-1])["message"] == "stopped"
