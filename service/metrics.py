@@ -106,7 +106,8 @@ class _EngineCollector(Collector):
         )
         closes = CounterMetricFamily(
             f"{NAMESPACE}_stream_closes",
-            "Streams ended, by the websocket close code the server sent.",
+            "Streams ended, by close code: the one the server sent, the client's own, "
+            "or 1006 for a connection that dropped without a close frame.",
             labels=["code"],
         )
         for code, count in sorted(engine.closes.items()):

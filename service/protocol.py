@@ -49,6 +49,8 @@ class ModelUnavailableError(InvalidRequestError):
 # Websocket close codes (docs/protocol.md, "Close codes").
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001  # server shutting down
+CLOSE_PROTOCOL_ERROR = 1002  # e.g. an unmasked client frame
+CLOSE_ABNORMAL = 1006  # never sent: the connection dropped without a close frame
 CLOSE_INTERNAL = 1011
 CLOSE_INVALID = 4400  # bad parameters or bad audio
 CLOSE_UNAUTHORIZED = 4401

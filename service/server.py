@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-from aiohttp import WSMsgType, web
+from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 
 from models.backend import SAMPLE_RATE, Backend, DecodeOptions, Hypothesis, Window
 from models.catalog import lookup
@@ -33,6 +33,7 @@ from service.errors import EarshotError
 from service.logs import transcript_fields
 from service.metrics import METRICS
 from service.protocol import (
+    CLOSE_ABNORMAL,
     CLOSE_CLIENT_NOT_READING,
     CLOSE_IDLE,
     CLOSE_INTERNAL,
@@ -61,6 +62,7 @@ from service.scheduler import (
 )
 from service.session import FINAL, DecodeRequest, Output, SessionSettings, StreamSession
 from service.startup import stated_policy
+from service.wsframes import MaskCheck
 
 log = logging.getLogger("earshot.server")
 
@@ -581,6 +583,7 @@ class LiveStream:
                         self._send(configure_failure(self.request_id))
                 else:  # CLOSE, CLOSING, CLOSED, ERROR: the client is gone
                     client_gone = True
+                    close_code = self._client_close_code(msg)
                     break
             if self._fatal is not None:
                 raise self._fatal
@@ -638,6 +641,16 @@ class LiveStream:
             if self._stop_waiter is not None:
                 self._stop_waiter.cancel()
             self.finished.set()
+
+    def _client_close_code(self, msg: Any) -> int:
+        """How the client ended the stream, for the metrics and the log: its
+        own close code, the protocol error the websocket layer found (1002,
+        1009), or 1006 when the connection dropped without a close frame."""
+        if msg.type == WSMsgType.CLOSE and isinstance(msg.data, int) and msg.data:
+            return int(msg.data)
+        if self.ws.close_code and self.ws.close_code != CLOSE_NORMAL:
+            return int(self.ws.close_code)
+        return CLOSE_ABNORMAL
 
     async def _read_until_closed(self) -> None:
         """Read and ignore whatever the client sends until it closes."""
@@ -733,6 +746,7 @@ async def handle_listen(request: web.Request) -> web.StreamResponse:
             headers={"Upgrade": "websocket"},
         )
     await ws.prepare(request)
+    require_masked_frames(request, ws)
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is not None:
         # What a client that stops reading can make the kernel hold for it.
@@ -764,6 +778,47 @@ async def handle_listen(request: web.Request) -> web.StreamResponse:
         engine.streams.discard(stream)
         engine.active_streams -= 1
     return ws
+
+
+class _MaskCheckingParser:
+    """Sits in front of aiohttp's websocket frame parser and ends the stream
+    with 1002 at the first unmasked client frame (RFC 6455 5.1), which the
+    parser itself accepts."""
+
+    def __init__(self, inner: Any, queue: Any) -> None:
+        self._inner = inner
+        self._queue = queue
+        self._check = MaskCheck()
+
+    def feed_data(self, data: bytes | bytearray | memoryview) -> tuple[bool, bytes]:
+        if self._check.violation:
+            return True, b""
+        if not self._check.feed(data):
+            self._queue.set_exception(
+                WebSocketError(
+                    WSCloseCode.PROTOCOL_ERROR,
+                    "client frames must be masked (RFC 6455, section 5.1)",
+                )
+            )
+            return True, b""
+        result: tuple[bool, bytes] = self._inner.feed_data(data)
+        return result
+
+    def feed_eof(self) -> None:
+        self._inner.feed_eof()
+
+
+def require_masked_frames(request: web.Request, ws: web.WebSocketResponse) -> None:
+    """Install :class:`_MaskCheckingParser` on an upgraded connection (aiohttp
+    keeps the parser and the message queue it feeds in private attributes;
+    tests/test_hardening.py fails if that changes)."""
+    protocol = request.protocol
+    inner = getattr(protocol, "_payload_parser", None)
+    queue = getattr(ws, "_reader", None)
+    if inner is None or queue is None or not hasattr(queue, "set_exception"):
+        log.warning("cannot check that client frames are masked")
+        return
+    protocol._payload_parser = _MaskCheckingParser(inner, queue)
 
 
 def _lang(value: str) -> str | None:

@@ -41,7 +41,7 @@ def test_deeply_nested_json_is_a_non_fatal_invalid_message() -> None:
     async def main() -> Any:
         async with running_server(tone_engine()) as url:
             ws = url.replace("http://", "ws://") + "/v1/listen"
-            frames = [
+            frames: list[bytes | str | float] = [
                 pcm[:half],
                 "[" * 100_000,
                 '{"a":' * 50_000,
@@ -321,3 +321,102 @@ def test_connections_without_a_request_are_bounded() -> None:
     assert status == 503 and body["code"] == "too_many_connections"
     assert "max_pending_connections" in body["message"]
     assert after == 200  # once the idle ones are gone, requests are served again
+
+
+def ws_frame(opcode: int, payload: bytes, *, masked: bool = True) -> bytes:
+    import os
+    import struct
+
+    n = len(payload)
+    bit = 0x80 if masked else 0
+    if n < 126:
+        head = bytes([0x80 | opcode, bit | n])
+    elif n < 65536:
+        head = bytes([0x80 | opcode, bit | 126]) + struct.pack("!H", n)
+    else:
+        head = bytes([0x80 | opcode, bit | 127]) + struct.pack("!Q", n)
+    if not masked:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+async def read_server_frames(reader: asyncio.StreamReader) -> list[tuple[int, bytes]]:
+    """Every (opcode, payload) the server sends until it closes (server frames
+    are unmasked)."""
+    frames: list[tuple[int, bytes]] = []
+    while True:
+        try:
+            head = await asyncio.wait_for(reader.readexactly(2), 10)
+        except asyncio.IncompleteReadError:
+            return frames
+        n = head[1] & 0x7F
+        if n == 126:
+            n = int.from_bytes(await reader.readexactly(2), "big")
+        elif n == 127:
+            n = int.from_bytes(await reader.readexactly(8), "big")
+        frames.append((head[0] & 0x0F, await reader.readexactly(n)))
+        if frames[-1][0] == 0x8:
+            return frames
+
+
+def test_an_unmasked_client_frame_closes_the_stream_with_1002() -> None:
+    import base64
+    import os
+
+    async def main() -> tuple[bytes, list[tuple[int, bytes]]]:
+        async with running_server(tone_engine()) as url:
+            host, port = url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            key = base64.b64encode(os.urandom(16)).decode()
+            writer.write(
+                (
+                    "GET /v1/listen?encoding=linear16&sample_rate=16000 HTTP/1.1\r\n"
+                    f"Host: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                ).encode()
+            )
+            handshake = await reader.readuntil(b"\r\n\r\n")
+            writer.write(ws_frame(0x2, b"\x00\x00" * 1600))  # masked: fine
+            writer.write(ws_frame(0x2, b"\x00\x00" * 1600, masked=False))
+            await writer.drain()
+            frames = await read_server_frames(reader)
+            writer.close()
+            return handshake, frames
+
+    handshake, frames = run(main)
+    assert handshake.startswith(b"HTTP/1.1 101")
+    close = [payload for opcode, payload in frames if opcode == 0x8]
+    assert close and int.from_bytes(close[0][:2], "big") == 1002, frames
+
+
+def test_abrupt_disconnects_are_not_counted_as_normal_closes() -> None:
+    pcm = speech_pcm(random_script(1, (2, 3), seed=33))
+
+    async def main() -> dict[int, int]:
+        engine = tone_engine()
+        async with running_server(engine) as url, ClientSession() as http:
+            ws_url = url.replace("http://", "ws://") + "/v1/listen"
+            # 1. a normal end; 2. the client's own close frame, 4000;
+            # 3. the connection dropped without a close frame, three times.
+            await raw_stream(ws_url, [pcm, '{"type": "CloseStream"}'])
+            async with http.ws_connect(ws_url) as ws:
+                await ws.send_bytes(pcm[:3200])
+                await ws.close(code=4000)
+            for _ in range(3):
+                ws = await http.ws_connect(ws_url)
+                await ws.send_bytes(pcm[:3200])
+                await ws.receive()  # Metadata: the stream is open
+                transport = ws._response.connection.transport  # type: ignore[union-attr]
+                assert transport is not None
+                transport.abort()
+            for _ in range(100):
+                if sum(engine.closes.values()) == 5:
+                    break
+                await asyncio.sleep(0.05)
+            async with http.get(url + "/metrics") as resp:
+                metrics = await resp.text()
+            assert 'earshot_stream_closes_total{code="1006"} 3.0' in metrics, metrics
+            return dict(engine.closes)
+
+    assert run(main) == {1000: 1, 4000: 1, 1006: 3}

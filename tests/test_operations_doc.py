@@ -25,6 +25,9 @@ LIMITS = (
     "max_queue",
     "lag_limit_s",
     "max_pending_messages",
+    "header_timeout_s",
+    "body_timeout_s",
+    "max_pending_connections",
 )
 
 
