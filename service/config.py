@@ -72,6 +72,9 @@ class Config:
     max_pending_messages: int = _f(
         1000, "server messages queued for a slow client before it is closed"
     )
+    max_unread_s: float = _f(
+        20.0, "how long a message may wait for a client that stopped reading before it is closed"
+    )
     socket_send_buffer: int = _f(
         65_536, "kernel send buffer per stream, bytes (bounds memory held for slow clients)"
     )
@@ -230,6 +233,7 @@ def _validate(cfg: Config) -> Config:
         ("remote_max_retries", 0 <= cfg.remote_max_retries <= 10, "from 0 to 10"),
         ("socket_send_buffer", cfg.socket_send_buffer >= 4096, "at least 4096"),
         ("shutdown_timeout_s", cfg.shutdown_timeout_s > 0, "above 0"),
+        ("max_unread_s", cfg.max_unread_s > 0, "above 0"),
         ("drain_s", 0 <= cfg.drain_s <= cfg.shutdown_timeout_s, "from 0 to shutdown_timeout_s"),
         ("header_timeout_s", cfg.header_timeout_s > 0, "above 0"),
         ("body_timeout_s", cfg.body_timeout_s > 0, "above 0"),

@@ -640,7 +640,9 @@ async def _transcribe(request: web.Request, task: str) -> web.StreamResponse:
             raise SchedulerStoppedError("the server is shutting down; try another instance")
         options = _task_options(engine, task)
         if not engine.scheduler.accepting():
-            raise ServerFullError("the decode queue is past its high watermark (max_queue)")
+            raise ServerFullError(
+                f"the server is overloaded: {engine.scheduler.overload_reason() or 'busy'}"
+            )
         req = await read_upload(request, cfg.max_upload_bytes, cfg.body_timeout_s)
         resolve_model(engine, req.model)
         language = req.language

@@ -624,10 +624,24 @@ class Scheduler:
         The queue holds ``max_queue`` jobs or more, or a final submitted now is
         expected to take longer than ``overload_final_wait_s``.
         """
+        return self.overload_reason() is not None
+
+    def overload_reason(self) -> str | None:
+        """Why the server is overloaded now, naming the limit and the numbers
+        (for refusals), or None when it is not."""
         finals, interims = self.queue_depth
         if finals + interims >= self.settings.max_queue:
-            return True
-        return self.estimated_wait(JobKind.FINAL) > self.settings.overload_final_wait_s
+            return (
+                f"the decode queue holds {finals + interims} jobs, its limit is "
+                f"{self.settings.max_queue} (max_queue)"
+            )
+        wait = self.estimated_wait(JobKind.FINAL)
+        if wait > self.settings.overload_final_wait_s:
+            return (
+                f"a new final would wait about {wait:.1f} s for the decoder, more than "
+                f"{self.settings.overload_final_wait_s:g} s (overload_final_wait_s)"
+            )
+        return None
 
     def fallback_available(self, reason: str) -> bool:
         """Whether work may go to the fallback for ``reason`` now: one is

@@ -374,6 +374,8 @@ class LiveStream:
         self.finished = asyncio.Event()
         self.finals_sent = 0
         self.backends_used: Counter[str] = Counter()
+        # When the send in progress started (None: the sender is idle).
+        self._sending_since: float | None = None
 
     def stop(self) -> None:
         """Ask the stream to end as at a server shutdown (see Engine.shut_down)."""
@@ -398,6 +400,17 @@ class LiveStream:
     # -- sending --------------------------------------------------------------
 
     def _send(self, message: dict[str, Any]) -> None:
+        """Queue a message for the client. A client that does not read is
+        closed (4430) by count, past ``max_pending_messages`` waiting, and by
+        time, when one send has been stuck for ``max_unread_s``: what it may
+        cost the server is bounded both ways."""
+        limit_s = self.engine.config.max_unread_s
+        stuck = self._sending_since
+        if stuck is not None and asyncio.get_running_loop().time() - stuck > limit_s:
+            self._fatal = self._fatal or ClientNotReadingError(
+                f"the client has read nothing for {limit_s:g} s (max_unread_s)",
+                limit_s=limit_s,
+            )
         try:
             self._outbox.put_nowait(message)
         except asyncio.QueueFull:
@@ -408,11 +421,14 @@ class LiveStream:
             )
 
     async def _sender(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             message = await self._outbox.get()
             if message is None:
                 return
+            self._sending_since = loop.time()
             await self.ws.send_str(json.dumps(message, ensure_ascii=False))
+            self._sending_since = None
 
     def _emit(self, events: list[Any]) -> None:
         for ev in events:
@@ -725,7 +741,9 @@ async def handle_listen(request: web.Request) -> web.StreamResponse:
         )
     if not engine.scheduler.accepting():
         return refuse(
-            ServerFullError("the decode queue is past its high watermark (max_queue)"),
+            ServerFullError(
+                f"the server is overloaded: {engine.scheduler.overload_reason() or 'busy'}"
+            ),
             headers={"Retry-After": "2"},
         )
     try:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from aiohttp import ClientSession, WSServerHandshakeError
 
@@ -420,3 +421,58 @@ def test_abrupt_disconnects_are_not_counted_as_normal_closes() -> None:
             return dict(engine.closes)
 
     assert run(main) == {1000: 1, 4000: 1, 1006: 3}
+
+
+def test_a_client_that_stops_reading_is_closed_by_time_too() -> None:
+    import base64
+    import os
+    import socket
+
+    script = random_script(30, (3, 6), seed=3)
+    audio, _ = make_speech(script, 16000, gap_s=0.7)
+    pcm = encode_audio(np.repeat(audio[:, None], 8, axis=1), "linear16")
+    # The count limit is out of reach: only the time limit can close it.
+    engine = tone_engine(
+        max_pending_messages=100_000, max_unread_s=1.0, interim_step_s=0.1, socket_send_buffer=4096
+    )
+
+    async def main() -> tuple[float, dict[int, int]]:
+        async with running_server(engine) as url:
+            host, port = url.removeprefix("http://").split(":")
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            await loop.sock_connect(sock, (host, int(port)))
+            key = base64.b64encode(os.urandom(16)).decode()
+            query = "channels=8&multichannel=true&interim_results=true&vad_events=true"
+            await loop.sock_sendall(
+                sock,
+                (
+                    f"GET /v1/listen?{query} HTTP/1.1\r\nHost: {host}\r\n"
+                    "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                    f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                ).encode(),
+            )
+            assert (await loop.sock_recv(sock, 12)) == b"HTTP/1.1 101"
+            t0 = loop.time()
+            try:  # audio at about real time, never reading a byte
+                for i in range(0, len(pcm), 8 * 2 * 1600):
+                    frame = ws_frame(0x2, pcm[i : i + 8 * 2 * 1600])
+                    await asyncio.wait_for(loop.sock_sendall(sock, frame), 5)
+                    await asyncio.sleep(0.1)
+                    if engine.closes:
+                        break
+            except (OSError, asyncio.TimeoutError):
+                pass
+            took = loop.time() - t0
+            for _ in range(200):
+                if engine.active_streams == 0:
+                    break
+                await asyncio.sleep(0.05)
+            sock.close()
+            return took, dict(engine.closes)
+
+    took, closes = run(main)
+    assert closes == {4430: 1}
+    assert took < 30  # not the whole minute of audio

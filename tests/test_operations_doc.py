@@ -25,6 +25,7 @@ LIMITS = (
     "max_queue",
     "lag_limit_s",
     "max_pending_messages",
+    "max_unread_s",
     "header_timeout_s",
     "body_timeout_s",
     "max_pending_connections",
