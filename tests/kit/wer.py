@@ -96,9 +96,26 @@ def corpus_wer(references: Sequence[str], hypotheses: Sequence[str]) -> float:
 
 
 def ends_early(reference: str, hypothesis: str) -> bool:
-    """True when the transcript looks cut short: not all of the last three
-    normalised reference words are among the last five normalised hypothesis
-    words (a final that was lost or truncated at the end of the audio)."""
-    ref_tail = normalize(reference).split()[-3:]
-    hyp_tail = set(normalize(hypothesis).split()[-5:])
-    return not all(word in hyp_tail for word in ref_tail)
+    """True when the transcript is cut short: one of the last three normalised
+    reference words is missing from the hypothesis (a deletion in the word
+    alignment), as when a final was lost or truncated at the end of the audio.
+
+    Another word in its place (``tale`` for ``tail``, ``there for`` for
+    ``therefore``) is a substitution, counted in the WER, not an early end;
+    "not among the last five words", the first form of this check, flagged
+    those too.
+    """
+    ref, hyp = normalize(reference), normalize(hypothesis)
+    n = len(ref.split())
+    if n == 0:
+        return False
+    if not hyp:
+        return True
+    out = jiwer.process_words(ref, hyp)
+    tail = range(max(0, n - 3), n)
+    return any(
+        chunk.type == "delete"
+        and chunk.ref_start_idx < tail.stop
+        and chunk.ref_end_idx > tail.start
+        for chunk in out.alignments[0]
+    )
