@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import urllib.parse
 from collections.abc import Callable
@@ -75,9 +76,12 @@ from tests.kit.fuzz import (
     multipart_specs,
     query_pairs,
     rate_args,
+    run_fuzz,
     valid_format_args,
     valid_multipart_specs,
 )
+from tests.kit.live import running_server, tone_engine
+from tests.kit.tones import random_script
 
 T = TypeVar("T")
 
@@ -359,3 +363,36 @@ def test_judges() -> None:
     assert error_code_of({"error": {"code": "x"}}) == "x" and error_code_of("x") is None
     with pytest.raises(AssertionError, match="uncoded"):
         check_coded(ValueError("boom"))
+
+
+# -- live ------------------------------------------------------------------------
+
+LIVE_INPUTS = 3000
+LIVE_SEED = int(os.environ.get("EARSHOT_FUZZ_SEED", "0"))
+
+
+@pytest.mark.timeout(240)
+@AIOHTTP_MULTIPART_WARNINGS
+def test_live_fuzz_through_the_real_server() -> None:
+    script = random_script(6, (2, 5), seed=LIVE_SEED + 11)
+
+    async def main() -> Any:
+        async with running_server(tone_engine()) as url:
+            return await run_fuzz(url, count=LIVE_INPUTS, seed=LIVE_SEED, script=script)
+
+    report = asyncio.run(asyncio.wait_for(main(), timeout=200))
+    text = "\n".join(report.lines(examples=2))
+    print(text)
+    problems = []
+    if report.health_status != 200:
+        problems.append(f"/healthz answered {report.health_status} at the end")
+    for wb in report.well_behaved:
+        if not wb.ok:
+            problems.append(
+                f"well-behaved stream: close {wb.close_code}, errors {wb.errors}, "
+                f"expected {wb.expected}, got {wb.got}"
+            )
+    if report.violations:
+        problems.append(f"{len(report.violations)} answers broke a rule")
+    assert report.inputs >= LIVE_INPUTS and report.well_behaved
+    assert not problems, "\n".join(problems) + "\n" + text
