@@ -206,7 +206,17 @@ def _parse_int(value: object) -> int | None:
 
 
 def _jsonable(value: object) -> object:
-    return value if isinstance(value, (str, int, float)) or value is None else repr(value)
+    """``value`` as it may appear in an error's details and message: JSON, and
+    short (an int of thousands of digits becomes a description of it)."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return value if abs(value) < 10**15 else "an integer of more than 15 digits"
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else repr(value)
+    if isinstance(value, str):
+        return value if len(value) <= 64 else value[:64] + "..."
+    return repr(value)[:64]
 
 
 @dataclass(frozen=True)
@@ -253,7 +263,8 @@ class AudioFormat:
         canonical = _ALIASES.get(key, key) if key is not None else None
         if canonical not in ENCODINGS:
             raise UnsupportedEncodingError(
-                f"encoding={encoding!r} is not supported; allowed: " + ", ".join(allowed),
+                f"encoding={_jsonable(encoding)!r} is not supported; allowed: "
+                + ", ".join(allowed),
                 field="encoding",
                 value=_jsonable(encoding),
                 allowed=allowed,
@@ -262,7 +273,11 @@ class AudioFormat:
 
         rate = _parse_int(sample_rate)
         if rate is None or not min_sample_rate <= rate <= max_sample_rate:
-            what = " is required" if sample_rate is None else f"={sample_rate!r} is not allowed"
+            what = (
+                " is required"
+                if sample_rate is None
+                else f"={_jsonable(sample_rate)!r} is not allowed"
+            )
             raise InvalidSampleRateError(
                 f"sample_rate{what}: it must be an integer from {min_sample_rate} "
                 f"to {max_sample_rate} Hz",
@@ -275,7 +290,7 @@ class AudioFormat:
         count = 1 if channels is None else _parse_int(channels)
         if count is None or not 1 <= count <= max_channels:
             raise InvalidChannelsError(
-                f"channels={channels!r} is not allowed: it must be an integer "
+                f"channels={_jsonable(channels)!r} is not allowed: it must be an integer "
                 f"from 1 to {max_channels}",
                 field="channels",
                 value=_jsonable(channels),

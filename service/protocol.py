@@ -51,6 +51,7 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001  # server shutting down
 CLOSE_PROTOCOL_ERROR = 1002  # e.g. an unmasked client frame
 CLOSE_ABNORMAL = 1006  # never sent: the connection dropped without a close frame
+CLOSE_INVALID_PAYLOAD = 1007  # a text frame (or close reason) that is not UTF-8
 CLOSE_INTERNAL = 1011
 CLOSE_INVALID = 4400  # bad parameters or bad audio
 CLOSE_UNAUTHORIZED = 4401

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
+from aiohttp import WebSocketError, WSCloseCode, WSMessage, WSMsgType, web
 
 from models.backend import SAMPLE_RATE, Backend, DecodeOptions, Hypothesis, Window
 from models.catalog import lookup
@@ -102,6 +102,13 @@ class ModelNotLocalError(EarshotError):
 class ServerFullError(EarshotError):
     code = "server_full"
     http_status = 503
+
+
+class InvalidHandshakeError(EarshotError):
+    """Upgrade headers that do not make a websocket handshake."""
+
+    code = "invalid_handshake"
+    http_status = 400
 
 
 class WebsocketRequiredError(EarshotError):
@@ -335,6 +342,10 @@ def backend_label(info: dict[str, Any]) -> str:
     return "local"
 
 
+_GONE = WSMessage(WSMsgType.CLOSED, None, None)
+"""What :meth:`LiveStream._receive` returns for a connection that broke."""
+
+
 class LiveStream:
     """One ``/v1/listen`` connection: reads frames, drives the session, sends events."""
 
@@ -389,7 +400,10 @@ class LiveStream:
         receive = asyncio.ensure_future(self.ws.receive(timeout=timeout))
         await asyncio.wait({receive, self._stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
         if receive.done():
-            return receive.result()
+            try:
+                return receive.result()
+            except ConnectionError:  # it went while the server answered its pings
+                return _GONE
         receive.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await receive
@@ -671,7 +685,10 @@ class LiveStream:
     async def _read_until_closed(self) -> None:
         """Read and ignore whatever the client sends until it closes."""
         while True:
-            msg = await self.ws.receive()
+            try:
+                msg = await self.ws.receive()
+            except ConnectionError:
+                return
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
                 return
 
@@ -754,7 +771,17 @@ async def handle_listen(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(
         max_msg_size=cfg.max_frame_bytes * 4, timeout=5.0, protocols=("token",)
     )
-    if not ws.can_prepare(request).ok:
+    try:
+        upgradable = ws.can_prepare(request).ok
+    except ValueError:  # e.g. a Sec-WebSocket-Key that is not ASCII
+        return refuse(
+            InvalidHandshakeError(
+                "the websocket handshake is malformed: Sec-WebSocket-Key must be 16 bytes "
+                "in base64 (RFC 6455 4.1)",
+                field="Sec-WebSocket-Key",
+            )
+        )
+    if not upgradable:
         return refuse(
             WebsocketRequiredError(
                 "GET /v1/listen is a websocket endpoint: send the upgrade headers "

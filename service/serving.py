@@ -141,8 +141,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             status=exc.status,
             headers=headers,
         )
-    except (asyncio.CancelledError, ConnectionError):
+    except asyncio.CancelledError:
         raise
+    except ConnectionError:
+        # The client went away mid-request (an upload cut off): nothing to
+        # answer, and not a failure of the server.
+        log.info("client disconnected during the request", extra={"path": request.path})
+        return web.json_response(
+            error_body(request.path, 400, "client_disconnected", "the client went away"),
+            status=400,
+        )
     except Exception:
         log.exception("request failed", extra={"path": request.path})
         return web.json_response(
@@ -226,7 +234,18 @@ class _ConnectionHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        plain = super().handle_error(request, status, exc, message)  # logs; the text is dropped
+        if status >= 500:
+            super().handle_error(request, status, exc, message)  # logs the traceback
+        else:
+            # A request that cannot be parsed is the client's doing, and anyone
+            # can send one: one line, not a traceback at ERROR for each.
+            log.info(
+                "refused a malformed request: %s",
+                exc if exc is not None else message,
+                extra={"status": status, "peer": request.remote},
+            )
+            if request.writer.output_size > 0:
+                raise ConnectionError("the response had begun; cannot send an error")
         if isinstance(exc, LineTooLong) or (
             isinstance(exc, BadHttpMessage) and "header" in str(exc).lower()
         ):
@@ -240,7 +259,6 @@ class _ConnectionHandler(RequestHandler):
         body = error_body(path, status, http_error_code(status), text or http_error_code(status))
         resp = web.json_response(body, status=status)
         resp.force_close()
-        del plain
         return resp
 
 
