@@ -17,13 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models.runner import WhisperRunner
-from models.vad import shared_model
 from service.audiofile import load_audio
-from service.config import load_config
-from service.server import Engine
 from tests.kit.browser import ServerThread, chromium_args, find_chromium, screenshot_path, write_wav
 from tests.kit.paths import audio_dir
+from tests.kit.real_models import real_model_server
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 CHROMIUM = find_chromium()
@@ -70,12 +67,7 @@ def offline(tiny_en_model: Path) -> str:
 
 @pytest.fixture(scope="module")
 def server(tiny_en_model: Path) -> Iterator[ServerThread]:
-    runner = WhisperRunner(tiny_en_model)
-
-    def engine(origin: str) -> Engine:
-        return Engine.create(load_config(env={}, overrides={}), runner, vad_model=shared_model())
-
-    with ServerThread(engine) as live:
+    with real_model_server(tiny_en_model) as live:
         yield live
 
 

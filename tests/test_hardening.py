@@ -19,7 +19,14 @@ from models.runner import WhisperRunner
 from models.vad import shared_model
 from service.config import load_config
 from service.server import Engine
-from tests.kit.live import final_texts, raw_stream, running_server, tone_engine
+from tests.kit.live import (
+    final_texts,
+    masked_frame,
+    non_reading_websocket,
+    raw_stream,
+    running_server,
+    tone_engine,
+)
 from tests.kit.tones import make_speech, random_script
 
 pytestmark = pytest.mark.timeout(120)
@@ -324,24 +331,6 @@ def test_connections_without_a_request_are_bounded() -> None:
     assert after == 200  # once the idle ones are gone, requests are served again
 
 
-def ws_frame(opcode: int, payload: bytes, *, masked: bool = True) -> bytes:
-    import os
-    import struct
-
-    n = len(payload)
-    bit = 0x80 if masked else 0
-    if n < 126:
-        head = bytes([0x80 | opcode, bit | n])
-    elif n < 65536:
-        head = bytes([0x80 | opcode, bit | 126]) + struct.pack("!H", n)
-    else:
-        head = bytes([0x80 | opcode, bit | 127]) + struct.pack("!Q", n)
-    if not masked:
-        return head + payload
-    key = os.urandom(4)
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-
-
 async def read_server_frames(reader: asyncio.StreamReader) -> list[tuple[int, bytes]]:
     """Every (opcode, payload) the server sends until it closes (server frames
     are unmasked)."""
@@ -378,8 +367,8 @@ def test_an_unmasked_client_frame_closes_the_stream_with_1002() -> None:
                 ).encode()
             )
             handshake = await reader.readuntil(b"\r\n\r\n")
-            writer.write(ws_frame(0x2, b"\x00\x00" * 1600))  # masked: fine
-            writer.write(ws_frame(0x2, b"\x00\x00" * 1600, masked=False))
+            writer.write(masked_frame(0x2, b"\x00\x00" * 1600))  # masked: fine
+            writer.write(masked_frame(0x2, b"\x00\x00" * 1600, masked=False))
             await writer.drain()
             frames = await read_server_frames(reader)
             writer.close()
@@ -424,10 +413,6 @@ def test_abrupt_disconnects_are_not_counted_as_normal_closes() -> None:
 
 
 def test_a_client_that_stops_reading_is_closed_by_time_too() -> None:
-    import base64
-    import os
-    import socket
-
     script = random_script(30, (3, 6), seed=3)
     audio, _ = make_speech(script, 16000, gap_s=0.7)
     pcm = encode_audio(np.repeat(audio[:, None], 8, axis=1), "linear16")
@@ -438,27 +423,13 @@ def test_a_client_that_stops_reading_is_closed_by_time_too() -> None:
 
     async def main() -> tuple[float, dict[int, int]]:
         async with running_server(engine) as url:
-            host, port = url.removeprefix("http://").split(":")
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.setblocking(False)
-            loop = asyncio.get_running_loop()
-            await loop.sock_connect(sock, (host, int(port)))
-            key = base64.b64encode(os.urandom(16)).decode()
             query = "channels=8&multichannel=true&interim_results=true&vad_events=true"
-            await loop.sock_sendall(
-                sock,
-                (
-                    f"GET /v1/listen?{query} HTTP/1.1\r\nHost: {host}\r\n"
-                    "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                    f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                ).encode(),
-            )
-            assert (await loop.sock_recv(sock, 12)) == b"HTTP/1.1 101"
+            sock = await non_reading_websocket(url, query)
+            loop = asyncio.get_running_loop()
             t0 = loop.time()
             try:  # audio at about real time, never reading a byte
                 for i in range(0, len(pcm), 8 * 2 * 1600):
-                    frame = ws_frame(0x2, pcm[i : i + 8 * 2 * 1600])
+                    frame = masked_frame(0x2, pcm[i : i + 8 * 2 * 1600])
                     await asyncio.wait_for(loop.sock_sendall(sock, frame), 5)
                     await asyncio.sleep(0.1)
                     if engine.closes:

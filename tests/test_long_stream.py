@@ -21,12 +21,9 @@ import pytest
 import soundfile as sf
 
 from models.backend import SAMPLE_RATE
-from models.runner import WhisperRunner
-from models.vad import shared_model
 from service.audiofile import load_audio
-from service.config import load_config
-from service.server import Engine
 from tests.kit.browser import ServerThread
+from tests.kit.real_models import real_model_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(280)]
 
@@ -55,12 +52,7 @@ def long_recording(
 
 @pytest.fixture(scope="module")
 def server(tiny_en_model: Path) -> Iterator[ServerThread]:
-    runner = WhisperRunner(tiny_en_model)
-
-    def engine(origin: str) -> Engine:
-        return Engine.create(load_config(env={}, overrides={}), runner, vad_model=shared_model())
-
-    with ServerThread(engine) as live:
+    with real_model_server(tiny_en_model) as live:
         yield live
 
 

@@ -18,7 +18,14 @@ from models.vad import shared_model
 from service.config import load_config
 from service.scheduler import JobKind
 from service.server import Engine
-from tests.kit.live import final_texts, raw_stream, running_server, tone_engine
+from tests.kit.live import (
+    final_texts,
+    masked_frame,
+    non_reading_websocket,
+    raw_stream,
+    running_server,
+    tone_engine,
+)
 from tests.kit.tones import ToneBackend, make_speech, random_script
 
 pytestmark = pytest.mark.timeout(120)
@@ -532,29 +539,7 @@ def test_random_weight_whisper_end_to_end(micro_model: Any, testdata: Any) -> No
     assert words and all(w["start"] <= w["end"] for w in words)
 
 
-def _masked_frame(opcode: int, payload: bytes) -> bytes:
-    """One client-to-server websocket frame (RFC 6455: clients mask)."""
-    import os
-    import struct
-
-    head = bytes([0x80 | opcode])
-    n = len(payload)
-    if n < 126:
-        head += bytes([0x80 | n])
-    elif n < 65536:
-        head += bytes([0x80 | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
-    key = os.urandom(4)
-    body = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-    return head + key + body
-
-
 def test_a_client_that_never_reads_is_closed_and_memory_stays_bounded() -> None:
-    import base64
-    import os
-    import socket
-
     script = random_script(30, (3, 6), seed=3)
     audio, _ = make_speech(script, 16000, gap_s=0.7)
     stereo8 = np.repeat(audio[:, None], 8, axis=1)
@@ -562,31 +547,17 @@ def test_a_client_that_never_reads_is_closed_and_memory_stays_bounded() -> None:
     engine = tone_engine(max_pending_messages=8, interim_step_s=0.1)
 
     async def main() -> Any:
-        async with listen_url(engine) as url:
-            host, port = url.split("//")[1].split("/")[0].split(":")
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.setblocking(False)
-            loop = asyncio.get_running_loop()
-            await loop.sock_connect(sock, (host, int(port)))
-            key = base64.b64encode(os.urandom(16)).decode()
+        async with running_server(engine) as url:
             query = "channels=8&multichannel=true&interim_results=true&vad_events=true"
-            await loop.sock_sendall(
-                sock,
-                (
-                    f"GET /v1/listen?{query} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-                    "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                    f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                ).encode(),
-            )
-            assert (await loop.sock_recv(sock, 12)) == b"HTTP/1.1 101"
+            sock = await non_reading_websocket(url, query)
+            loop = asyncio.get_running_loop()
             # From here on the client sends audio and never reads a byte.
             sent = 0
             try:
                 # Speech, again and again (bounded), until the server gives up.
                 for _ in range(8):
                     for i in range(0, len(pcm), 32000):
-                        frame = _masked_frame(0x2, pcm[i : i + 32000])
+                        frame = masked_frame(0x2, pcm[i : i + 32000])
                         await asyncio.wait_for(loop.sock_sendall(sock, frame), 5)
                         sent += 1
                         if engine.closes:

@@ -82,3 +82,52 @@ def final_texts(messages: Sequence[dict[str, Any]]) -> list[str]:
         for m in messages
         if m["type"] == "Results" and m["is_final"]
     ]
+
+
+async def non_reading_websocket(url: str, query: str) -> socket.socket:
+    """A websocket to ``url`` (``http://HOST:PORT``) ``/v1/listen?query``, upgraded
+    by hand on a socket with a 4 KiB receive buffer, for a client that will
+    never read: send it frames with ``loop.sock_sendall`` (clients mask them,
+    see :func:`masked_frame`)."""
+    import base64
+    import os
+
+    host, port = url.removeprefix("http://").split("/")[0].split(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (host, int(port)))
+    key = base64.b64encode(os.urandom(16)).decode()
+    await loop.sock_sendall(
+        sock,
+        (
+            f"GET /v1/listen?{query} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode(),
+    )
+    if (await loop.sock_recv(sock, 12)) != b"HTTP/1.1 101":
+        sock.close()
+        raise AssertionError("the server did not upgrade the connection")
+    return sock
+
+
+def masked_frame(opcode: int, payload: bytes, *, masked: bool = True) -> bytes:
+    """One client-to-server websocket frame (RFC 6455: clients mask; ``masked``
+    False makes the protocol violation a server must refuse)."""
+    import os
+    import struct
+
+    n = len(payload)
+    bit = 0x80 if masked else 0
+    if n < 126:
+        head = bytes([0x80 | opcode, bit | n])
+    elif n < 65536:
+        head = bytes([0x80 | opcode, bit | 126]) + struct.pack("!H", n)
+    else:
+        head = bytes([0x80 | opcode, bit | 127]) + struct.pack("!Q", n)
+    if not masked:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))

