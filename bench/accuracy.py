@@ -18,8 +18,9 @@ reference words) per data set and model of:
 
 Speed is audio seconds over wall seconds (``12.0x`` = twelve times faster
 than real time; real-time streaming is at most about 1x by definition).
-``ends early`` counts files whose transcript misses one of the last three
-reference words among its last five (see ``tests/kit/wer.py``).
+``ends early`` counts files whose transcript lacks one of the last three
+reference words (a deletion in the word alignment; see ``tests/kit/wer.py``)
+where faster-whisper's own transcript does not.
 
     python bench/accuracy.py                                   # both models, both data sets
     python bench/accuracy.py --models tiny.en --datasets librispeech --realtime-files 2
