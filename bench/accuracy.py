@@ -36,8 +36,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import platform
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -50,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.streams import machine_info  # noqa: E402
 from tests.kit.wer import corpus_score, ends_early  # noqa: E402
 
 DATASETS = ("librispeech", "ljspeech")
@@ -357,25 +356,13 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-    }
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
+def accuracy_machine_info() -> dict[str, Any]:
+    """The benchmarks' common machine facts, with faster-whisper's version."""
+    info = machine_info("cpu")
     with contextlib.suppress(Exception):
-        import ctranslate2
         import faster_whisper
 
-        info["ctranslate2"] = ctranslate2.__version__
         info["faster_whisper"] = faster_whisper.__version__
-        info["cuda_devices"] = ctranslate2.get_cuda_device_count()
     return info
 
 
@@ -449,7 +436,7 @@ def main() -> int:
         "benchmark": "accuracy",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
+        "machine": accuracy_machine_info(),
         "settings": {
             "models": args.models,
             "datasets": args.datasets,
