@@ -484,6 +484,11 @@ class StreamClient:
                 close_timeout=self.close_timeout,
                 # Audio does not compress; deflate would only cost CPU on both ends.
                 compression=None,
+                # A ping cannot overtake the audio queued before it: when the
+                # server holds back a client that sends faster than real time
+                # (back-pressure), pongs come late, and a ping timeout would
+                # drop a healthy stream. The server's own limits end dead ones.
+                ping_timeout=None,
             )
         except InvalidStatus as exc:
             raise _refusal(exc) from None
