@@ -25,6 +25,7 @@ FROM python:3.11-slim-bookworm AS build
 ARG EXTRAS=models
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY core ./core
 COPY service ./service
 COPY models ./models
 COPY clients ./clients

@@ -6,7 +6,7 @@ reference words) per data set and model of:
 * ``faster-whisper``: faster-whisper's own offline ``WhisperModel.transcribe``
   (beam 5, language en), one file at a time: the reference;
 * ``fw-batched``: faster-whisper's ``BatchedInferencePipeline`` (batch 8, beam 5);
-* ``earshot transcribe``: ``service.batch.transcribe_files`` with the runner,
+* ``earshot transcribe``: ``earshot.service.engine.batch.transcribe_files`` with the runner,
   beam 5, the Silero segmenter and the CLI's default batch size;
 * ``http``: ``POST /v1/audio/transcriptions`` on an in-process server, with
   the official ``openai`` client, ``--concurrency`` requests at a time;
@@ -134,10 +134,10 @@ def run_fw_batched(fw: Any, clips: Sequence[Clip]) -> Run:
 
 def run_earshot_transcribe(runner: Any, clips: Sequence[Clip]) -> Run:
     """What ``earshot transcribe --language en`` does (service/cli.py::cmd_transcribe)."""
-    from models.backend import DecodeOptions
-    from models.vad import VadSettings, segment_speech
-    from service.batch import transcribe_files
-    from service.cli import _default_batch_size
+    from earshot.core.decoding import DecodeOptions
+    from earshot.core.voice import VadSettings, segment_speech
+    from earshot.service.cli import _default_batch_size
+    from earshot.service.engine.batch import transcribe_files
 
     vad = VadSettings()
     batch_size = _default_batch_size(runner)
@@ -169,7 +169,7 @@ class Refusals:
         """``attempt()``, again after the server's Retry-After while it answers 503."""
         import openai
 
-        from clients.stream import StreamRefusedError
+        from earshot.clients.stream import StreamRefusedError
 
         while True:
             try:
@@ -202,9 +202,9 @@ async def gather_limited(
 
 
 def engine_for(runner: Any) -> Any:
-    from models.vad import shared_model
-    from service.config import load_config
-    from service.server import Engine
+    from earshot.core.voice import shared_model
+    from earshot.service.config import load_config
+    from earshot.service.http.listen import Engine
 
     return Engine.create(load_config(env={}, overrides={}), runner, vad_model=shared_model())
 
@@ -238,7 +238,7 @@ async def run_http(runner: Any, clips: Sequence[Clip], concurrency: int) -> Run:
 async def run_listen(
     runner: Any, clips: Sequence[Clip], *, realtime: bool, concurrency: int
 ) -> tuple[Run, list[str]]:
-    from clients.stream import transcribe_stream
+    from earshot.clients.stream import transcribe_stream
     from tests.kit.live import running_server
 
     problems: list[str] = []
@@ -371,7 +371,7 @@ def bench_model(
 ) -> list[dict[str, Any]]:
     from faster_whisper import WhisperModel
 
-    from models.runner import RunnerSettings, WhisperRunner
+    from earshot.models.runner import RunnerSettings, WhisperRunner
     from tests.kit.real_models import real_model_store
 
     folder = real_model_store().resolve(model).path

@@ -34,8 +34,8 @@ def speech_windows(count: int, seconds: float) -> list[Any]:
     """``count`` windows of ``seconds`` of real speech from the shared test data."""
     import numpy as np
 
-    from models.backend import Window
-    from service.audiofile import load_audio
+    from earshot.core.decoding import Window
+    from earshot.service.engine.audiofile import load_audio
     from tests.kit.paths import audio_dir
 
     files = sorted((audio_dir() / "librispeech").glob("*.flac"))
@@ -50,8 +50,8 @@ def speech_windows(count: int, seconds: float) -> list[Any]:
 
 
 def run_one(args: argparse.Namespace) -> dict[str, Any]:
-    from models.backend import DecodeOptions
-    from models.runner import RunnerSettings, WhisperRunner
+    from earshot.core.decoding import DecodeOptions
+    from earshot.models.runner import RunnerSettings, WhisperRunner
     from tests.kit.whisper_builder import cached_model
 
     path = cached_model(args.size, args.tokens, 0, args.quantization)

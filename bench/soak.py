@@ -93,7 +93,7 @@ from bench.streams import (  # noqa: E402
     log_problems,
     machine_info,
 )
-from clients.stream import StreamClient, encode_audio  # noqa: E402
+from earshot.clients.stream import StreamClient, encode_audio  # noqa: E402
 
 Message = dict[str, Any]
 
@@ -285,7 +285,7 @@ def serve_wrapped(argv: list[str]) -> int:
                 libc.malloc_trim(0)
 
         threading.Thread(target=trimmer, name="soak-malloc-trim", daemon=True).start()
-    from service.cli import main as cli_main
+    from earshot.service.cli import main as cli_main
 
     return cli_main(["serve", *argv])
 
@@ -901,7 +901,7 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
 
 
 async def warm(url: str, speech: Speech) -> None:
-    from clients.stream import transcribe_stream
+    from earshot.clients.stream import transcribe_stream
 
     pcm = speech.script(random.Random(0), 1).pcm
     transcript = await asyncio.wait_for(
@@ -1246,7 +1246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info("cpu"),
         "settings": {k: v for k, v in vars(args).items()},
-        "server_command": ["python", "-m", "service.cli", "serve", *cli],
+        "server_command": ["python", "-m", "earshot.service.cli", "serve", *cli],
         "server_env": env,
         "idle_s": args.idle_s,
     }

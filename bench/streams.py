@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from clients.stream import (  # noqa: E402
+from earshot.clients.stream import (  # noqa: E402
     StreamConnectError,
     StreamRefusedError,
     encode_audio,
@@ -173,7 +173,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m service.cli serve ...`` on 127.0.0.1, its log in a file.
+    """``python -m earshot.service.cli serve ...`` on 127.0.0.1, its log in a file.
 
     Use as a context manager: the process is always stopped on exit (SIGTERM,
     then SIGKILL after ``stop_timeout_s``).
@@ -189,7 +189,7 @@ class ServerProcess:
 
     @property
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "service.cli", "serve", *self.args]
+        return [sys.executable, "-m", "earshot.service.cli", "serve", *self.args]
 
     def __enter__(self) -> ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -634,7 +634,7 @@ def run_one(
         {
             "streams": spec.streams,
             "max_batch": spec.label,
-            "server_command": ["python", "-m", "service.cli", "serve", *cli],
+            "server_command": ["python", "-m", "earshot.service.cli", "serve", *cli],
             "server_startup_s": _r(startup_s, 2),
             "wall_s": _r(wall, 2),
             "server_cpu": _r(cpu / wall, 3) if wall > 0 else None,

@@ -23,7 +23,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any, TextIO
 
-from clients.stream import (
+from earshot.clients.stream import (
     BYTES_PER_SAMPLE,
     CLOSE_NORMAL,
     DEFAULT_URL,

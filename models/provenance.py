@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from models.catalog import entries_with_upstream_digests
+from earshot.models.catalog import entries_with_upstream_digests
 
 RECORD_NAME = "earshot-model.json"
 RECORD_FORMAT = 1

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.catalog import CatalogEntry, lookup
-from service.errors import ModelIntegrityError, ModelNotFoundError
+from earshot.core.errors import ModelIntegrityError, ModelNotFoundError
+from earshot.models.catalog import CatalogEntry, lookup
 
 _CHUNK = 4 * 1024 * 1024
 

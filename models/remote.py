@@ -1,9 +1,9 @@
 """A backend that sends windows to a remote OpenAI-compatible transcription API.
 
-:class:`RemoteBackend` implements :class:`models.backend.Backend` by posting
+:class:`RemoteBackend` implements :class:`earshot.core.decoding.Backend` by posting
 every window, as a 16-bit PCM WAV file, to ``POST {base_url}/audio/transcriptions``
 (OpenAI's API, or another Earshot server's ``/v1``) and mapping the
-``verbose_json`` answer back to a :class:`~models.backend.Hypothesis`.
+``verbose_json`` answer back to a :class:`~earshot.core.decoding.Hypothesis`.
 
 It is built to be a well-behaved fallback:
 
@@ -45,7 +45,7 @@ import httpx
 import numpy as np
 import soundfile as sf
 
-from models.backend import (
+from earshot.core.decoding import (
     MAX_WINDOW_SECONDS,
     SAMPLE_RATE,
     DecodeOptions,
@@ -54,8 +54,8 @@ from models.backend import (
     Window,
     WordTiming,
 )
-from models.languages import language_code
-from service.errors import ConfigError, EarshotError, InvalidRequestError
+from earshot.core.errors import ConfigError, EarshotError, InvalidRequestError
+from earshot.core.languages import language_code
 
 log = logging.getLogger("earshot.remote")
 
@@ -408,7 +408,7 @@ class _Aborted(Exception):
 
 
 class RemoteBackend:
-    """A :class:`models.backend.Backend` served by a remote OpenAI-compatible API.
+    """A :class:`earshot.core.decoding.Backend` served by a remote OpenAI-compatible API.
 
     Thread-safe: several threads may call :meth:`transcribe_batch` at once
     (they share the connection pool, the ``max_concurrency`` workers and the

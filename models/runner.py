@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from models.backend import (
+from earshot.core.decoding import (
     MAX_WINDOW_SECONDS,
     SAMPLE_RATE,
     DecodeOptions,
@@ -50,8 +50,8 @@ from models.backend import (
     Window,
     WordTiming,
 )
-from models.provenance import ChecksumCache, Provenance, folder_provenance
-from service.errors import ConfigError, InvalidRequestError
+from earshot.core.errors import ConfigError, InvalidRequestError
+from earshot.models.provenance import ChecksumCache, Provenance, folder_provenance
 
 log = logging.getLogger("earshot.runner")
 

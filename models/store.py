@@ -24,10 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from models import pypi
-from models.catalog import CATALOG, entry_for_repo, lookup
-from models.provenance import ModelRecord, read_record, write_record
-from service.errors import EarshotError, ModelNotFoundError
+from earshot.core.errors import EarshotError, ModelNotFoundError
+from earshot.models import pypi
+from earshot.models.catalog import CATALOG, entry_for_repo, lookup
+from earshot.models.provenance import ModelRecord, read_record, write_record
 
 _HUB_FILES = [
     "config.json",

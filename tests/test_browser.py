@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from clients.web import CONTENT_SECURITY_POLICY, DEMO_PATHS
+from earshot.service.http.demo import CONTENT_SECURITY_POLICY, DEMO_PATHS
 from tests.kit.browser import (
     FOREIGN_HOST,
     ServerThread,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.audiofile import load_audio
+from earshot.service.engine.audiofile import load_audio
 from tests.kit.browser import ServerThread, chromium_args, find_chromium, screenshot_path, write_wav
 from tests.kit.paths import audio_dir
 from tests.kit.real_models import real_model_server

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from service.cli import main
+from earshot.service.cli import main
 
 NATIVE = [
     "deepspeech/LDC93S1_pcms16le_1_8000.wav",

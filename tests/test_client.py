@@ -1,6 +1,6 @@
 """The streaming client library (clients/stream.py) and ``earshot stream`` (clients/stream_cli.py).
 
-Encoders are checked against the server's own decoder (service.audio), so
+Encoders are checked against the server's own decoder (earshot.core.audio), so
 client and server cannot disagree on a format. Network tests talk to a small
 aiohttp websocket server defined here (Metadata, Results, close 1000, plus
 refusals and an error close), run in a thread on 127.0.0.1 so that both the
@@ -29,7 +29,7 @@ import pytest
 import soundfile as sf
 from aiohttp import WSMsgType, web
 
-from clients.stream import (
+from earshot.clients.stream import (
     BYTES_PER_SAMPLE,
     StreamClient,
     StreamClosedError,
@@ -42,8 +42,8 @@ from clients.stream import (
     transcribe_stream,
     transcript_of,
 )
-from clients.stream_cli import _Display, add_stream_parser, cmd_stream
-from service.audio import ALAW_TABLE, ENCODINGS, MULAW_TABLE, AudioFormat, FrameDecoder
+from earshot.clients.stream_cli import _Display, add_stream_parser, cmd_stream
+from earshot.core.audio import ALAW_TABLE, ENCODINGS, MULAW_TABLE, AudioFormat, FrameDecoder
 
 T = TypeVar("T")
 F32 = npt.NDArray[np.float32]

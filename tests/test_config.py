@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from service.config import Config, add_config_flags, config_from_args, load_config
-from service.errors import ConfigError
+from earshot.core.errors import ConfigError
+from earshot.service.config import Config, add_config_flags, config_from_args, load_config
 
 
 def test_defaults() -> None:

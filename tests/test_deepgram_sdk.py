@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.audio import AudioFormat
-from service.protocol import (
+from earshot.core.audio import AudioFormat
+from earshot.core.protocol import (
     InvalidMessageError,
     SpeechStartedEvent,
     StreamParams,
@@ -296,7 +296,7 @@ def test_every_sdk_model_name_is_accepted() -> None:
 
 
 def _server_messages() -> dict[str, tuple[dict[str, Any], type[Any] | None]]:
-    """One of each message Earshot sends (from service.protocol) and the SDK's type for it.
+    """One of each message Earshot sends (from earshot.core.protocol) and the SDK's type for it.
 
     The SDK has no type for ``Warning`` (None).
     """

@@ -6,7 +6,7 @@ import re
 import sys
 from pathlib import Path
 
-from service.config import Config
+from earshot.service.config import Config
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,10 +31,11 @@ def test_every_copied_path_exists_and_every_package_is_copied() -> None:
         copied += sources
         for src in sources:
             assert (ROOT / src).exists(), f"COPY {src}: no such path"
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "packages"
+    # Every folder the wheel is built from (package-dir) is copied.
+    folders = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"
     ]
-    assert set(packages) <= set(copied)
+    assert set(folders.values()) <= set(copied)
     assert "README.md" in copied  # pyproject's readme
 
 

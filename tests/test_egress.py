@@ -24,8 +24,9 @@ from typing import Any
 
 import pytest
 
-from service import egress
-from service.egress import (
+from earshot.core.errors import ConfigError, EarshotError
+from earshot.service import sovereignty as egress
+from earshot.service.sovereignty import (
     AllowedNetworks,
     AuditLog,
     EgressBlockedError,
@@ -42,7 +43,6 @@ from service.egress import (
     in_current_context,
     is_egress_refusal,
 )
-from service.errors import ConfigError, EarshotError
 
 BLOCKED_V4 = "192.0.2.1"  # TEST-NET-1: documentation only, never routed
 BLOCKED_V6 = "2001:db8::1"  # documentation prefix
@@ -607,8 +607,8 @@ def test_hub_download_is_stopped_by_the_guard(
     the guard refuses the lookup of the hub's host before any query is sent."""
     constants = pytest.importorskip("huggingface_hub.constants")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False, raising=False)
-    from models.store import ModelStore
-    from service.errors import ModelNotFoundError
+    from earshot.core.errors import ModelNotFoundError
+    from earshot.models.store import ModelStore
 
     with guarded(guard), egress_reason("model_download"):
         start = time.monotonic()

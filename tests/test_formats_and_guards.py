@@ -8,10 +8,10 @@ import re
 
 import pytest
 
-from models.backend import Hypothesis
-from service.batch import pieces_from_spans
-from service.formats import TimedSegment, TimedWord, Transcript, render, timestamp
-from service.guards import drop_reason, longest_repeat_run
+from earshot.core.decoding import Hypothesis
+from earshot.core.formats import TimedSegment, TimedWord, Transcript, render, timestamp
+from earshot.core.guards import drop_reason, longest_repeat_run
+from earshot.service.engine.batch import pieces_from_spans
 
 SRT_TIME = r"\d{2}:\d{2}:\d{2},\d{3}"
 VTT_TIME = r"\d{2}:\d{2}:\d{2}\.\d{3}"

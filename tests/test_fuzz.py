@@ -36,16 +36,9 @@ from aiohttp.test_utils import make_mocked_request
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.audio import ENCODINGS, MAX_CHANNELS, AudioFormat, FrameDecoder
-from service.errors import EarshotError
-from service.openai_api import (
-    GRANULARITIES,
-    RESPONSE_FORMATS,
-    AudioRequest,
-    _check_fields,
-    read_upload,
-)
-from service.protocol import (
+from earshot.core.audio import ENCODINGS, MAX_CHANNELS, AudioFormat, FrameDecoder
+from earshot.core.errors import EarshotError
+from earshot.core.protocol import (
     CONTROL_TYPES,
     IGNORED_PARAMETERS,
     MAX_ENDPOINTING_MS,
@@ -54,6 +47,13 @@ from service.protocol import (
     StreamParams,
     parse_control,
     parse_params,
+)
+from earshot.service.http.openai import (
+    GRANULARITIES,
+    RESPONSE_FORMATS,
+    AudioRequest,
+    _check_fields,
+    read_upload,
 )
 from tests.kit.fuzz import (
     MultipartSpec,

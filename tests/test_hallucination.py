@@ -36,16 +36,16 @@ import pytest
 import soundfile as sf
 from openai import AsyncOpenAI
 
-from clients.stream import transcribe_stream, transcript_of
-from models.backend import SAMPLE_RATE, Window
-from models.runner import WhisperRunner
-from models.vad import StreamingVad, VadSettings, segment_speech, shared_model
-from service.audiofile import load_audio
-from service.cli import main as cli_main
-from service.config import load_config
-from service.guards import compression_ratio, drop_reason
-from service.scheduler import JobKind, SchedulerStats
-from service.server import Engine, final_options
+from earshot.clients.stream import transcribe_stream, transcript_of
+from earshot.core.decoding import SAMPLE_RATE, Window
+from earshot.core.guards import compression_ratio, drop_reason
+from earshot.core.voice import StreamingVad, VadSettings, segment_speech, shared_model
+from earshot.models.runner import WhisperRunner
+from earshot.service.cli import main as cli_main
+from earshot.service.config import load_config
+from earshot.service.engine.audiofile import load_audio
+from earshot.service.engine.scheduler import JobKind, SchedulerStats
+from earshot.service.http.listen import Engine, final_options
 from tests.kit.live import running_server
 from tests.kit.paths import audio_dir
 

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from aiohttp import ClientSession, WSServerHandshakeError
 
-from clients.stream import encode_audio
-from models.runner import WhisperRunner
-from models.vad import shared_model
-from service.config import load_config
-from service.server import Engine
+from earshot.clients.stream import encode_audio
+from earshot.core.voice import shared_model
+from earshot.models.runner import WhisperRunner
+from earshot.service.config import load_config
+from earshot.service.http.listen import Engine
 from tests.kit.live import (
     final_texts,
     masked_frame,

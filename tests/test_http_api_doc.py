@@ -6,9 +6,9 @@ import inspect
 import re
 from pathlib import Path
 
-import service.openai_api as openai_mod
-import service.serving as serving_mod
-from service.errors import EarshotError
+import earshot.service.http.openai as openai_mod
+import earshot.service.http.serving as serving_mod
+from earshot.core.errors import EarshotError
 
 DOC = (Path(__file__).resolve().parent.parent / "docs" / "http-api.md").read_text()
 

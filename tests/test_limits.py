@@ -19,8 +19,8 @@ import pytest
 import soundfile as sf
 from aiohttp import ClientSession
 
-from clients.stream import StreamClient, encode_audio
-from models.backend import SAMPLE_RATE
+from earshot.clients.stream import StreamClient, encode_audio
+from earshot.core.decoding import SAMPLE_RATE
 from tests.kit.live import final_texts, raw_stream, running_server, tone_engine
 from tests.kit.tones import make_speech
 

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from models.backend import SAMPLE_RATE
-from service.audiofile import load_audio
+from earshot.core.decoding import SAMPLE_RATE
+from earshot.service.engine.audiofile import load_audio
 from tests.kit.browser import ServerThread
 from tests.kit.real_models import real_model_server
 
@@ -66,7 +66,7 @@ def test_earshot_stream_fast_of_three_minutes_gets_every_final(
         [
             sys.executable,
             "-m",
-            "service.cli",
+            "earshot.service.cli",
             "stream",
             str(path),
             "--url",

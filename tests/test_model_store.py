@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from models.provenance import (
+from earshot.core.errors import EarshotError, ModelNotFoundError
+from earshot.models.provenance import (
     RECORD_NAME,
     ChecksumCache,
     folder_provenance,
     read_record,
     verify_folder,
 )
-from models.store import ModelStore
-from service.cli import main
-from service.errors import EarshotError, ModelNotFoundError
+from earshot.models.store import ModelStore
+from earshot.service.cli import main
 
 
 def fake_model(folder: Path, payload: bytes = b"weights" * 1000) -> Path:
@@ -101,7 +101,7 @@ def test_import_records_and_verify_detects_one_changed_byte(tmp_path: Path) -> N
 def test_verify_reads_every_byte_and_leaves_its_digests_in_the_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import models.provenance as provenance
+    import earshot.models.provenance as provenance
 
     store = ModelStore(tmp_path / "store")
     folder = store.import_folder(fake_model(tmp_path / "src"), "m").path

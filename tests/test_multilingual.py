@@ -23,14 +23,14 @@ import pytest
 import soundfile as sf
 from aiohttp import ClientSession, FormData
 
-from clients.stream import transcribe_stream
-from models.backend import SAMPLE_RATE
-from models.runner import WhisperRunner
-from models.vad import shared_model
-from service.audiofile import load_audio
-from service.cli import main as cli_main
-from service.config import load_config
-from service.server import Engine
+from earshot.clients.stream import transcribe_stream
+from earshot.core.decoding import SAMPLE_RATE
+from earshot.core.voice import shared_model
+from earshot.models.runner import WhisperRunner
+from earshot.service.cli import main as cli_main
+from earshot.service.config import load_config
+from earshot.service.engine.audiofile import load_audio
+from earshot.service.http.listen import Engine
 from tests.kit.live import running_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(280)]
@@ -171,7 +171,7 @@ def test_cli_detects_each_language(
 def test_http_verbose_json_names_the_language(
     engine: Engine, spoken: dict[str, Spoken], reference: dict[str, Reference]
 ) -> None:
-    from models.languages import language_name
+    from earshot.core.languages import language_name
 
     async def main() -> dict[str, Any]:
         out = {}

@@ -16,8 +16,8 @@ import pytest
 import soundfile as sf
 from openai import AsyncOpenAI
 
-from models.backend import SAMPLE_RATE, DecodeOptions, Hypothesis, Window
-from service.server import Engine
+from earshot.core.decoding import SAMPLE_RATE, DecodeOptions, Hypothesis, Window
+from earshot.service.http.listen import Engine
 from tests.kit.live import running_server, tone_engine
 from tests.kit.tones import ToneBackend, make_speech, random_script
 

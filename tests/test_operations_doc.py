@@ -9,8 +9,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.config import Config
-from service.metrics import Metrics
+from earshot.service.config import Config
+from earshot.service.http.metrics import Metrics
 from tests.kit.live import tone_engine
 
 DOC = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()

@@ -20,16 +20,21 @@ from typing import Any
 
 import pytest
 
-import service.audio as audio_mod
-import service.errors as errors_mod
-import service.protocol as protocol_mod
-import service.scheduler as scheduler_mod
-import service.server as server_mod
-import service.session as session_mod
-from service.audio import ENCODINGS, MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, AudioFormat
-from service.config import load_config
-from service.errors import EarshotError
-from service.protocol import (
+import earshot.core.audio as audio_mod
+import earshot.core.errors as errors_mod
+import earshot.core.protocol as protocol_mod
+import earshot.core.session as session_mod
+import earshot.service.engine.scheduler as scheduler_mod
+import earshot.service.http.listen as server_mod
+from earshot.core.audio import (
+    ENCODINGS,
+    MAX_CHANNELS,
+    MAX_SAMPLE_RATE,
+    MIN_SAMPLE_RATE,
+    AudioFormat,
+)
+from earshot.core.errors import EarshotError
+from earshot.core.protocol import (
     CONTROL_TYPES,
     DEFAULT_ENDPOINTING_MS,
     IGNORED_PARAMETERS,
@@ -50,6 +55,7 @@ from service.protocol import (
     parse_control,
     parse_params,
 )
+from earshot.service.config import load_config
 from tests.kit.tones import ToneBackend
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from clients.stream import encode_audio
+from earshot.clients.stream import encode_audio
 from tests.kit.live import tone_engine
 from tests.kit.tones import make_speech
 from tests.test_stream_e2e import listen_url, run
@@ -88,7 +88,7 @@ def test_earshot_stream_prints_the_finals(tmp_path: Path) -> None:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "service.cli",
+                "earshot.service.cli",
                 "stream",
                 str(wav),
                 "--url",
@@ -127,7 +127,7 @@ def test_earshot_stream_reports_a_refusal(tmp_path: Path) -> None:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "service.cli",
+                "earshot.service.cli",
                 "stream",
                 "-",
                 "--url",

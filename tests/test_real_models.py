@@ -24,13 +24,13 @@ from typing import Any
 
 import pytest
 
-from models import pypi
-from models.catalog import lookup
-from models.provenance import RECORD_NAME, folder_provenance, read_record, verify_folder
-from models.store import ModelStore, is_model_folder
-from service.cli import build_parser, main
-from service.config import config_from_args
-from service.errors import ModelIntegrityError, ModelNotFoundError
+from earshot.core.errors import ModelIntegrityError, ModelNotFoundError
+from earshot.models import pypi
+from earshot.models.catalog import lookup
+from earshot.models.provenance import RECORD_NAME, folder_provenance, read_record, verify_folder
+from earshot.models.store import ModelStore, is_model_folder
+from earshot.service.cli import build_parser, main
+from earshot.service.config import config_from_args
 from tests.kit.paths import audio_dir
 from tests.kit.real_models import real_model, real_model_store
 
@@ -465,7 +465,7 @@ def test_serve_without_model_picks_base_and_says_why(tmp_path: Path) -> None:
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [
-                *(sys.executable, "-m", "service.cli", "serve", "--models-dir", str(root)),
+                *(sys.executable, "-m", "earshot.service.cli", "serve", "--models-dir", str(root)),
                 *("--port", str(port), "--device", "cpu", "--log-format", "json"),
             ],
             cwd=ROOT,

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from models.backend import SAMPLE_RATE, Backend, DecodeOptions, Window
-from models.languages import LANGUAGE_NAMES, language_code, language_name
-from models.remote import (
+from earshot.core.decoding import SAMPLE_RATE, Backend, DecodeOptions, Window
+from earshot.core.errors import ConfigError, EarshotError, InvalidRequestError
+from earshot.core.languages import LANGUAGE_NAMES, language_code, language_name
+from earshot.models.remote import (
     RemoteBackend,
     RemoteBadResponseError,
     RemoteCircuitOpenError,
@@ -31,7 +32,6 @@ from models.remote import (
     redact_url,
     remote_prompt,
 )
-from service.errors import ConfigError, EarshotError, InvalidRequestError
 from tests.kit.fake_remote import FakeRemote, fake_remote, parse_multipart
 from tests.kit.live import running_server, tone_engine
 from tests.kit.tones import ToneBackend, make_speech, make_utterance, random_script

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.backend import Backend, DecodeOptions, Window
-from models.runner import RunnerSettings, WhisperRunner, pick_device
-from service.audiofile import load_audio
-from service.errors import ConfigError, InvalidRequestError
+from earshot.core.decoding import Backend, DecodeOptions, Window
+from earshot.core.errors import ConfigError, InvalidRequestError
+from earshot.models.runner import RunnerSettings, WhisperRunner, pick_device
+from earshot.service.engine.audiofile import load_audio
 from tests.kit.paths import audio_dir
 from tests.kit.whisper_builder import cached_model
 

@@ -18,9 +18,9 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
-from models.backend import DecodeOptions, Hypothesis, Window
-from service.errors import ConfigError, InvalidRequestError
-from service.scheduler import (
+from earshot.core.decoding import DecodeOptions, Hypothesis, Window
+from earshot.core.errors import ConfigError, InvalidRequestError
+from earshot.service.engine.scheduler import (
     BatchReport,
     DecodeJob,
     JobKind,

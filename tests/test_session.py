@@ -8,11 +8,10 @@ import itertools
 import numpy as np
 import pytest
 
-from clients.stream import encode_audio
-from models.backend import DecodeOptions
-from models.vad import shared_model
-from service.protocol import TranscriptEvent, WarningEvent, parse_params
-from service.session import (
+from earshot.clients.stream import encode_audio
+from earshot.core.decoding import DecodeOptions
+from earshot.core.protocol import TranscriptEvent, WarningEvent, parse_params
+from earshot.core.session import (
     FINAL,
     INTERIM,
     DecodeRequest,
@@ -20,7 +19,8 @@ from service.session import (
     SessionSettings,
     StreamSession,
 )
-from service.stabilizer import Stabilizer, normalize_word
+from earshot.core.stabilizer import Stabilizer, normalize_word
+from earshot.core.voice import shared_model
 from tests.kit.tones import ToneBackend, make_speech
 
 TONE = ToneBackend()

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from clients.stream import StreamClient, StreamRefusedError, encode_audio
-from service.audiofile import load_audio
+from earshot.clients.stream import StreamClient, StreamRefusedError, encode_audio
+from earshot.service.engine.audiofile import load_audio
 from tests.kit.paths import audio_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def test_sigterm_during_eight_streams(micro_model: Path, testdata: Path, tmp_pat
         [
             sys.executable,
             "-m",
-            "service.cli",
+            "earshot.service.cli",
             "serve",
             "--model",
             str(micro_model),
@@ -158,7 +158,7 @@ def test_sigterm_drains_with_503_and_exits_on_time_despite_stalled_uploads(
         "EARSHOT_DRAIN_S": "2",
         "EARSHOT_BODY_TIMEOUT_S": "120",
     }
-    argv = [sys.executable, "-m", "service.cli", "serve", "--model", str(micro_model)]
+    argv = [sys.executable, "-m", "earshot.service.cli", "serve", "--model", str(micro_model)]
     proc = subprocess.Popen(
         [*argv, "--port", str(port), "--device", "cpu"],
         cwd=ROOT,

@@ -25,26 +25,26 @@ import soundfile as sf
 from aiohttp import ClientSession, FormData
 from prometheus_client.parser import text_string_to_metric_families
 
-from clients.stream import encode_audio, transcribe_stream
-from models.remote import RemoteBackend
-from models.store import ModelStore
-from service.config import load_config
-from service.egress import build_guard, guarded
-from service.errors import ConfigError, ModelIntegrityError
-from service.server import Engine
-from service.startup import (
+from earshot.clients.stream import encode_audio, transcribe_stream
+from earshot.core.errors import ConfigError, ModelIntegrityError
+from earshot.models.remote import RemoteBackend
+from earshot.models.store import ModelStore
+from earshot.service.config import load_config
+from earshot.service.engine.startup import (
     build_remote,
     check_sovereignty,
     stated_policy,
     verify_model,
 )
+from earshot.service.http.listen import Engine
+from earshot.service.sovereignty import build_guard, guarded
 from tests.kit.fake_remote import FakeRemote, fake_remote
 from tests.kit.live import final_texts, raw_stream, running_server, tone_engine
 from tests.kit.tones import ToneBackend, make_speech, random_script
 
 pytestmark = pytest.mark.timeout(180)
 ROOT = Path(__file__).resolve().parents[1]
-CLI = (sys.executable, "-m", "service.cli")
+CLI = (sys.executable, "-m", "earshot.service.cli")
 T = TypeVar("T")
 
 # Each local batch takes 0.4 s and holds one window; the queue counts as
@@ -415,7 +415,7 @@ def test_earshot_serve_on_prem_only_serves_and_audits(
     import signal
     import urllib.request
 
-    from service.audiofile import load_audio
+    from earshot.service.engine.audiofile import load_audio
     from tests.kit.paths import audio_dir
     from tests.test_shutdown import free_port, wait_healthy
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from aiohttp import ClientSession, WSServerHandshakeError
 
-from clients.stream import StreamClient, StreamRefusedError, encode_audio, transcribe_stream
-from models.vad import shared_model
-from service.config import load_config
-from service.scheduler import JobKind
-from service.server import Engine
+from earshot.clients.stream import StreamClient, StreamRefusedError, encode_audio, transcribe_stream
+from earshot.core.voice import shared_model
+from earshot.service.config import load_config
+from earshot.service.engine.scheduler import JobKind
+from earshot.service.http.listen import Engine
 from tests.kit.live import (
     final_texts,
     masked_frame,
@@ -512,8 +512,8 @@ def test_silence_and_noise_are_never_decoded() -> None:
 
 
 def test_random_weight_whisper_end_to_end(micro_model: Any, testdata: Any) -> None:
-    from models.runner import RunnerSettings, WhisperRunner
-    from service.audiofile import load_audio
+    from earshot.models.runner import RunnerSettings, WhisperRunner
+    from earshot.service.engine.audiofile import load_audio
     from tests.kit.paths import audio_dir
 
     runner = WhisperRunner(micro_model, RunnerSettings(device="cpu"))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from models.backend import SAMPLE_RATE, Backend, DecodeOptions, Window
-from service.errors import InvalidRequestError
+from earshot.core.decoding import SAMPLE_RATE, Backend, DecodeOptions, Window
+from earshot.core.errors import InvalidRequestError
 from tests.kit.tones import (
     DEFAULT_WORD_S,
     VOCABULARY,

@@ -15,7 +15,8 @@ import numpy.typing as npt
 import pytest
 import soundfile as sf
 
-from models.vad import (
+from earshot.core.errors import InvalidRequestError
+from earshot.core.voice import (
     CONTEXT_SAMPLES,
     FRAME_SAMPLES,
     SAMPLE_RATE,
@@ -29,7 +30,6 @@ from models.vad import (
     segment_speech,
     shared_model,
 )
-from service.errors import InvalidRequestError
 
 F = FRAME_SAMPLES / SAMPLE_RATE  # one frame in seconds (0.032)
 Audio = npt.NDArray[np.float32]
@@ -475,7 +475,7 @@ def test_long_input_is_scored_in_blocks_alike(
     whole = StreamingVad(model, REAL)
     events = whole.feed(joined.audio)
     _, probs = whole.frame_probabilities()
-    monkeypatch.setattr("models.vad._MAX_FRAMES_PER_RUN", 7)
+    monkeypatch.setattr("earshot.core.voice._MAX_FRAMES_PER_RUN", 7)
     blocked = StreamingVad(model, REAL)
     assert blocked.feed(joined.audio) == events
     _, p2 = blocked.frame_probabilities()

@@ -27,7 +27,7 @@ import numpy.typing as npt
 import soundfile as sf
 from aiohttp import web
 
-from service.server import Engine, create_app
+from earshot.service.http.listen import Engine, create_app
 from tests.kit.paths import REPO_ROOT
 
 T = TypeVar("T")

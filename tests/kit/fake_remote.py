@@ -40,7 +40,7 @@ import numpy as np
 import soundfile as sf
 from aiohttp import web
 
-from models.backend import SAMPLE_RATE, DecodeOptions, Hypothesis, Window
+from earshot.core.decoding import SAMPLE_RATE, DecodeOptions, Hypothesis, Window
 from tests.kit.tones import ToneBackend
 
 # The remote names the language as OpenAI does; deliberately a table of its

@@ -51,10 +51,10 @@ import numpy as np
 import soundfile as sf
 from hypothesis import strategies as st
 
-from clients.stream import encode_audio
-from service.audio import ENCODINGS, MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
-from service.errors import EarshotError
-from service.protocol import (
+from earshot.clients.stream import encode_audio
+from earshot.core.audio import ENCODINGS, MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
+from earshot.core.errors import EarshotError
+from earshot.core.protocol import (
     CONTROL_TYPES,
     IGNORED_PARAMETERS,
     KNOWN_PARAMETERS,
@@ -599,7 +599,7 @@ def valid_multipart_specs() -> st.SearchStrategy[MultipartSpec]:
 
 
 def form_fields() -> st.SearchStrategy[dict[str, str]]:
-    """The text fields of a form, as :func:`service.openai_api.read_upload` collects them."""
+    """The text fields of a form, as :func:`earshot.service.http.openai.read_upload` collects them."""
     pairs = st.sampled_from(tuple(FIELD_VALUES)).flatmap(
         lambda name: st.tuples(
             st.just(name),

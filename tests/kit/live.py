@@ -10,11 +10,11 @@ from typing import Any
 
 from aiohttp import ClientSession, WSMsgType, web
 
-from models.backend import Backend
-from models.vad import shared_model
-from service.config import load_config
-from service.server import Engine, create_app
-from service.serving import EarshotRunner
+from earshot.core.decoding import Backend
+from earshot.core.voice import shared_model
+from earshot.service.config import load_config
+from earshot.service.http.listen import Engine, create_app
+from earshot.service.http.serving import EarshotRunner
 from tests.kit.tones import ToneBackend
 
 

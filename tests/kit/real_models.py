@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from models import pypi
-from models.store import ModelStore
+from earshot.models import pypi
+from earshot.models.store import ModelStore
 from tests.kit.paths import REPO_ROOT
 
 if TYPE_CHECKING:
@@ -42,10 +42,10 @@ def real_model(name: str) -> Path:
 def real_model_server(model_path: Path, **settings: Any) -> Iterator[ServerThread]:
     """A server thread on 127.0.0.1 serving the real model at ``model_path``
     (one runner, loaded once), with the real Silero endpointer."""
-    from models.runner import WhisperRunner
-    from models.vad import shared_model
-    from service.config import load_config
-    from service.server import Engine
+    from earshot.core.voice import shared_model
+    from earshot.models.runner import WhisperRunner
+    from earshot.service.config import load_config
+    from earshot.service.http.listen import Engine
     from tests.kit.browser import ServerThread
 
     runner = WhisperRunner(model_path)

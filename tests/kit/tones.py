@@ -30,7 +30,7 @@ without error:
 
 :func:`make_speech` builds audio and its :class:`SpeechTruth` (each word's and
 each utterance's span); :class:`ToneBackend` implements
-:class:`models.backend.Backend` and turns windows of such audio back into
+:class:`earshot.core.decoding.Backend` and turns windows of such audio back into
 words, reporting a word only when enough of it lies inside the window. The
 G.711 and resampling helpers are written from the standard, independently of
 the service's audio code, so tests do not check that code against itself.
@@ -51,7 +51,7 @@ import numpy as np
 import numpy.typing as npt
 import soxr
 
-from models.backend import (
+from earshot.core.decoding import (
     MAX_WINDOW_SECONDS,
     SAMPLE_RATE,
     AudioArray,
@@ -61,7 +61,7 @@ from models.backend import (
     Window,
     WordTiming,
 )
-from service.errors import InvalidRequestError
+from earshot.core.errors import InvalidRequestError
 
 # ---------------------------------------------------------------------------
 # The language
@@ -550,7 +550,7 @@ def _local_max(levels: npt.NDArray[np.float64], half_width: int) -> npt.NDArray[
 
 
 class ToneBackend:
-    """A :class:`models.backend.Backend` that reads the tone language exactly.
+    """A :class:`earshot.core.decoding.Backend` that reads the tone language exactly.
 
     In each window it finds word-sized stretches of sound by their loudness
     envelope (a stretch is within 25 dB of its neighbourhood's peak, so the

@@ -24,15 +24,10 @@ from typing import Any
 import numpy as np
 from aiohttp import WebSocketError, WSCloseCode, WSMessage, WSMsgType, web
 
-from models.backend import SAMPLE_RATE, Backend, DecodeOptions, Hypothesis, Window
-from models.catalog import lookup
-from models.vad import FrameModel, StreamingVad, VadSettings
-from service import __version__
-from service.config import Config
-from service.errors import EarshotError
-from service.logs import transcript_fields
-from service.metrics import METRICS
-from service.protocol import (
+from earshot.core import __version__
+from earshot.core.decoding import SAMPLE_RATE, Backend, DecodeOptions, Hypothesis, Window
+from earshot.core.errors import EarshotError
+from earshot.core.protocol import (
     CLOSE_ABNORMAL,
     CLOSE_CLIENT_NOT_READING,
     CLOSE_IDLE,
@@ -52,7 +47,11 @@ from service.protocol import (
     parse_control,
     parse_params,
 )
-from service.scheduler import (
+from earshot.core.session import FINAL, DecodeRequest, Output, SessionSettings, StreamSession
+from earshot.core.voice import FrameModel, StreamingVad, VadSettings
+from earshot.models.catalog import lookup
+from earshot.service.config import Config
+from earshot.service.engine.scheduler import (
     DecodeJob,
     JobKind,
     Scheduler,
@@ -60,9 +59,10 @@ from service.scheduler import (
     SchedulerStoppedError,
     default_max_batch,
 )
-from service.session import FINAL, DecodeRequest, Output, SessionSettings, StreamSession
-from service.startup import stated_policy
-from service.wsframes import MaskCheck
+from earshot.service.engine.startup import stated_policy
+from earshot.service.http.metrics import METRICS
+from earshot.service.http.wsframes import MaskCheck
+from earshot.service.logs import transcript_fields
 
 log = logging.getLogger("earshot.server")
 
@@ -185,7 +185,7 @@ class Engine:
         """The engine for ``backend``; ``fallback`` (a remote backend) takes
         work for the reasons in ``config.fallback_on``. ``policy`` is the
         sovereignty policy clients are told; by default the one
-        :func:`service.startup.stated_policy` states for ``config`` (``earshot
+        :func:`earshot.service.engine.startup.stated_policy` states for ``config`` (``earshot
         serve`` passes its own, with its egress guard and its model check)."""
         device = str(getattr(backend, "device", "cpu"))
         settings = SchedulerSettings(
@@ -890,7 +890,7 @@ async def handle_ready(request: web.Request) -> web.Response:
 
 def create_app(engine: Engine) -> web.Application:
     """The aiohttp application for ``engine``; starts and stops its scheduler."""
-    from service.serving import error_middleware
+    from earshot.service.http.serving import error_middleware
 
     app = web.Application(middlewares=[error_middleware])
     app[ENGINE] = engine
@@ -914,10 +914,10 @@ def create_app(engine: Engine) -> web.Application:
     app.router.add_get("/readyz", handle_ready)
     app.router.add_get("/v1/policy", handle_policy)
     # Imported here: these modules import this one.
-    from clients.web import register_demo_routes
-    from service.auth import register_auth
-    from service.metrics import register_metrics_routes
-    from service.openai_api import register_openai_routes
+    from earshot.service.http.auth import register_auth
+    from earshot.service.http.demo import register_demo_routes
+    from earshot.service.http.metrics import register_metrics_routes
+    from earshot.service.http.openai import register_openai_routes
 
     register_metrics_routes(app)
     register_openai_routes(app)

@@ -41,7 +41,7 @@ not detectable from the bytes in general (mono audio declared as stereo is
 just two plausible channels at half the rate); the partial final frame and the
 clipping counter are the signals that exist.
 
-Error codes defined here (see :mod:`service.errors` for the root type). The
+Error codes defined here (see :mod:`earshot.core.errors` for the root type). The
 first five are the client's doing (HTTP 400, websocket close 4400); the
 ring-buffer ones are internal (HTTP 500, websocket close 1011):
 
@@ -71,7 +71,7 @@ import numpy as np
 import numpy.typing as npt
 import soxr
 
-from service.errors import AudioDecodeError, ConfigError, EarshotError, InvalidRequestError
+from earshot.core.errors import AudioDecodeError, ConfigError, EarshotError, InvalidRequestError
 
 __all__ = [
     "ALAW_TABLE",

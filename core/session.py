@@ -41,12 +41,11 @@ from typing import Any
 
 import numpy as np
 
-from models.backend import SAMPLE_RATE, Hypothesis, Window
-from models.vad import FrameModel, SpeechEnd, SpeechStart, StreamingVad, VadSettings
-from service.audio import FrameDecoder, PartialFrameError, RingBuffer, StreamResampler
-from service.errors import EarshotError
-from service.guards import GuardSettings, drop_reason
-from service.protocol import (
+from earshot.core.audio import FrameDecoder, PartialFrameError, RingBuffer, StreamResampler
+from earshot.core.decoding import SAMPLE_RATE, Hypothesis, Window
+from earshot.core.errors import EarshotError
+from earshot.core.guards import GuardSettings, drop_reason
+from earshot.core.protocol import (
     CLOSE_LAGGING,
     Event,
     SpeechStartedEvent,
@@ -56,7 +55,8 @@ from service.protocol import (
     WarningEvent,
     Word,
 )
-from service.stabilizer import Stabilizer, normalize_word
+from earshot.core.stabilizer import Stabilizer, normalize_word
+from earshot.core.voice import FrameModel, SpeechEnd, SpeechStart, StreamingVad, VadSettings
 
 FINAL = "final"
 INTERIM = "interim"
@@ -205,7 +205,7 @@ def hypothesis_words(hyp: Hypothesis, offset: float, duration: float) -> tuple[W
 class StreamSession:
     """The state of one stream. Not thread-safe; one shell task drives it.
 
-    Raises the audio format errors of :mod:`service.audio` from :meth:`push`
+    Raises the audio format errors of :mod:`earshot.core.audio` from :meth:`push`
     only for input that can never be valid (nothing is lost: earlier audio
     is still finalised by :meth:`finish`).
     """

@@ -156,7 +156,7 @@ class Backend(Protocol):
     ) -> list[Hypothesis]:
         """Decode every window; return one hypothesis per window, in order.
 
-        Raises :class:`service.errors.InvalidRequestError` for a window longer
+        Raises :class:`earshot.core.errors.InvalidRequestError` for a window longer
         than 30 s or an unknown language.
         """
         ...

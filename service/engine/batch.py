@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.backend import (
+from earshot.core.decoding import (
     SAMPLE_RATE,
     AudioArray,
     Backend,
@@ -23,10 +23,10 @@ from models.backend import (
     Segment,
     Window,
 )
-from service.audiofile import LoadedAudio, load_audio
-from service.errors import EarshotError
-from service.formats import TimedSegment, TimedWord, Transcript
-from service.guards import drop_reason
+from earshot.core.errors import EarshotError
+from earshot.core.formats import TimedSegment, TimedWord, Transcript
+from earshot.core.guards import drop_reason
+from earshot.service.engine.audiofile import LoadedAudio, load_audio
 
 Span = tuple[float, float]
 Segmenter = Callable[[AudioArray], list[Span]]

@@ -28,10 +28,10 @@ from urllib.parse import urlsplit
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
-from clients.web import DEMO_PATHS
-from service.config import Config, split_list
-from service.errors import ConfigError, EarshotError
-from service.protocol import error_message
+from earshot.core.errors import ConfigError, EarshotError
+from earshot.core.protocol import error_message
+from earshot.service.config import Config, split_list
+from earshot.service.http.demo import DEMO_PATHS
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"}) | DEMO_PATHS
 """Paths answered without a key or an origin check (load balancers, probes,
@@ -193,7 +193,9 @@ def _refusal(request: web.Request, err: EarshotError, headers: dict[str, str]) -
         body = {"error": {"message": err.message, "type": kind, "code": err.code, "param": None}}
     else:
         body = error_message(err)
-    from service.metrics import METRICS  # here: metrics imports server, keep this light
+    from earshot.service.http.metrics import (
+        METRICS,  # here: metrics imports server, keep this light
+    )
 
     metrics = request.app.get(METRICS)
     if metrics is not None and request.path == "/v1/listen":
@@ -256,7 +258,7 @@ def register_auth(app: web.Application) -> None:
     """Install :func:`auth_middleware` on an app made by ``create_app(engine)``,
     using the engine's config. Call before the app starts; a second call does
     nothing."""
-    from service.server import ENGINE  # here: server.py may come to import this module
+    from earshot.service.http.listen import ENGINE  # here: server.py may come to import this module
 
     if app.get(_AUTH_INSTALLED):
         return

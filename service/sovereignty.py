@@ -78,7 +78,7 @@ from pathlib import Path
 from typing import IO, Any, TypeAlias, TypeVar
 from urllib.parse import urlsplit
 
-from service.errors import ConfigError, EarshotError
+from earshot.core.errors import ConfigError, EarshotError
 
 IPAddress: TypeAlias = "ipaddress.IPv4Address | ipaddress.IPv6Address"
 IPNetwork: TypeAlias = "ipaddress.IPv4Network | ipaddress.IPv6Network"

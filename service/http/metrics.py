@@ -1,4 +1,4 @@
-"""Prometheus metrics for one :class:`~service.server.Engine`, served at ``GET /metrics``.
+"""Prometheus metrics for one :class:`~earshot.service.http.listen.Engine`, served at ``GET /metrics``.
 
 Every :class:`Metrics` owns its own :class:`~prometheus_client.CollectorRegistry`
 (never the process-wide default one), so several apps, and tests, can live in
@@ -42,10 +42,10 @@ from prometheus_client import generate_latest as _generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from service.scheduler import BatchHook, BatchReport, JobKind
+from earshot.service.engine.scheduler import BatchHook, BatchReport, JobKind
 
 if TYPE_CHECKING:
-    from service.server import Engine
+    from earshot.service.http.listen import Engine
 
 NAMESPACE = "earshot"
 
@@ -309,7 +309,7 @@ def register_metrics_routes(app: web.Application) -> Metrics:
     Call before the app is started (its router freezes then); a second call
     returns the same :class:`Metrics` and adds nothing.
     """
-    from service.server import ENGINE  # here: server.py may come to import this module
+    from earshot.service.http.listen import ENGINE  # here: server.py may come to import this module
 
     if METRICS in app:
         return app[METRICS]

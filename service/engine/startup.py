@@ -21,18 +21,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from models.backend import Backend
-from models.provenance import ChecksumCache, verify_folder
-from models.remote import RemoteBackend, RemoteSettings, parse_remote
-from service.config import Config
-from service.egress import (
+from earshot.core.decoding import Backend
+from earshot.core.errors import ConfigError, ModelIntegrityError
+from earshot.models.provenance import ChecksumCache, verify_folder
+from earshot.models.remote import RemoteBackend, RemoteSettings, parse_remote
+from earshot.service.config import Config
+from earshot.service.sovereignty import (
     AllowedNetworks,
     EgressGuard,
     build_guard,
     check_destination,
     egress_reason,
 )
-from service.errors import ConfigError, ModelIntegrityError
 
 log = logging.getLogger("earshot.startup")
 

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from service.errors import InvalidRequestError
+from earshot.core.errors import InvalidRequestError
 
 SAMPLE_RATE = 16000
 """The only rate the model accepts; resample before feeding."""
@@ -66,7 +66,7 @@ FloatArray = npt.NDArray[np.float32]
 class VadSettings:
     """Voice activity settings, shared by :func:`segment_speech` and
     :class:`StreamingVad`. Construction validates every field and raises
-    :class:`service.errors.InvalidRequestError` (``field`` names the setting)
+    :class:`earshot.core.errors.InvalidRequestError` (``field`` names the setting)
     for a value outside its range.
 
     * ``threshold``: a frame with probability at or above this is speech.

@@ -16,8 +16,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from models.backend import SAMPLE_RATE, AudioArray
-from service.errors import AudioDecodeError, EmptyAudioError
+from earshot.core.decoding import SAMPLE_RATE, AudioArray
+from earshot.core.errors import AudioDecodeError, EmptyAudioError
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
-"""The browser demo client: a page served by ``earshot serve`` at ``/``.
+"""Serving the browser demo client: a page served by ``earshot serve`` at ``/``.
 
-The page (``clients/web/``) is plain HTML, CSS and JavaScript with no build
+The page lives with the other clients (``clients/web/``, package data of
+``earshot.clients``); this module only serves its files, read as resources,
+never as Python imported from the clients. The page (``clients/web/``) is plain HTML, CSS and JavaScript with no build
 step and nothing fetched from elsewhere, so it works on an air-gapped
 network. It captures the microphone with an AudioWorklet, resamples it to
 16 kHz in the page and streams 16-bit PCM to ``/v1/listen``; it can also
@@ -8,7 +10,7 @@ stream a local audio file through the same websocket code. See
 ``docs/demo.md``.
 
 The page and its assets are public (the API key is typed into the page), so
-their paths are listed in :data:`DEMO_PATHS`, which ``service/auth.py`` lets
+their paths are listed in :data:`DEMO_PATHS`, which ``earshot.service.http.auth`` lets
 through without a key or an origin check. Every answer carries a
 Content-Security-Policy that allows only the server's own scripts, styles and
 websocket.
@@ -17,13 +19,13 @@ websocket.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from pathlib import Path
+from importlib.resources import files
 from typing import Final
 
 from aiohttp import web
 
-WEB_DIR: Final = Path(__file__).resolve().parent / "web"
-"""Where the page's files live (installed as package data of ``clients``)."""
+WEB_DIR: Final = files("earshot.clients") / "web"
+"""Where the page's files live (package data of ``earshot.clients``)."""
 
 ASSET_PREFIX: Final = "/demo/"
 
@@ -86,5 +88,5 @@ def register_demo_routes(app: web.Application) -> None:
     The files are read once, now; a missing file raises FileNotFoundError."""
     for path, name in ASSETS.items():
         file = WEB_DIR / name
-        content_type = _CONTENT_TYPES[file.suffix]
+        content_type = _CONTENT_TYPES[name[name.rfind(".") :]]
         app.router.add_get(path, _asset_handler(file.read_bytes(), content_type))

@@ -3,7 +3,7 @@
 ``POST /v1/audio/transcriptions`` takes OpenAI's multipart upload, cuts the
 file at voice-activity boundaries into pieces of at most
 :data:`MAX_PIECE_S` seconds and submits every piece as a FINAL job to the
-engine's one shared :class:`service.scheduler.Scheduler`, exactly like a
+engine's one shared :class:`earshot.service.engine.scheduler.Scheduler`, exactly like a
 stream's finals; nothing here calls the backend directly. The answer comes in
 OpenAI's shapes (json, text, srt, vtt, verbose_json, or server-sent
 ``transcript.text.delta`` / ``transcript.text.done`` events with
@@ -39,24 +39,24 @@ from typing import Any, TypeVar
 import numpy as np
 from aiohttp import BodyPartReader, web
 
-from models.backend import SAMPLE_RATE, DecodeOptions, Hypothesis, Window
-from models.languages import language_name
-from models.vad import VadSettings, segment_speech
-from service.audiofile import load_audio
-from service.batch import pieces_from_spans, segments_on_clock
-from service.errors import EarshotError, InvalidRequestError
-from service.formats import TimedSegment, Transcript, to_srt, to_vtt
-from service.guards import compression_ratio, drop_reason
-from service.metrics import METRICS
-from service.protocol import ModelUnavailableError
-from service.scheduler import DecodeJob, JobKind, SchedulerStoppedError
-from service.server import (
+from earshot.core.decoding import SAMPLE_RATE, DecodeOptions, Hypothesis, Window
+from earshot.core.errors import EarshotError, InvalidRequestError
+from earshot.core.formats import TimedSegment, Transcript, to_srt, to_vtt
+from earshot.core.guards import compression_ratio, drop_reason
+from earshot.core.languages import language_name
+from earshot.core.protocol import ModelUnavailableError
+from earshot.core.voice import VadSettings, segment_speech
+from earshot.service.engine.audiofile import load_audio
+from earshot.service.engine.batch import pieces_from_spans, segments_on_clock
+from earshot.service.engine.scheduler import DecodeJob, JobKind, SchedulerStoppedError
+from earshot.service.http.listen import (
     ENGINE,
     Engine,
     ServerFullError,
     backend_label,
     check_model_name,
 )
+from earshot.service.http.metrics import METRICS
 
 log = logging.getLogger("earshot.http")
 
@@ -136,7 +136,7 @@ def openai_error(
 
 def resolve_model(engine: Engine, name: str | None) -> str:
     """The served model's name for the requested ``name`` (see
-    :func:`service.server.check_model_name`): OpenAI's names mean it too."""
+    :func:`earshot.service.http.listen.check_model_name`): OpenAI's names mean it too."""
     hint = f" (OpenAI's names {', '.join(OPENAI_MODEL_ALIASES)} also mean it)"
     return check_model_name(engine, name or None, OPENAI_MODEL_ALIASES, hint)
 

@@ -41,7 +41,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from service.config import Config
+from earshot.service.config import Config
 
 log = logging.getLogger("earshot.http")
 access_log = logging.getLogger("earshot.access")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
-from models.backend import Hypothesis
+from earshot.core.decoding import Hypothesis
 
 
 @dataclass(frozen=True)

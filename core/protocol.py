@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.audio import AudioFormat
-from service.errors import EarshotError, InvalidRequestError
+from earshot.core.audio import AudioFormat
+from earshot.core.errors import EarshotError, InvalidRequestError
 
 PROTOCOL_VERSION = "1"
 
@@ -208,7 +208,7 @@ def parse_params(
     """Validate the query string of a ``/v1/listen`` request.
 
     Raises UnknownParameterError for a parameter Earshot does not know,
-    InvalidParameterError (or the audio format errors of service.audio) for
+    InvalidParameterError (or the audio format errors of earshot.core.audio) for
     a bad value, naming the field and the allowed values.
     """
     items = list(query.items()) if isinstance(query, Mapping) else list(query)

@@ -60,9 +60,9 @@ from enum import Enum
 from types import TracebackType
 from typing import Any, NamedTuple
 
-from models.backend import MAX_WINDOW_SECONDS, Backend, DecodeOptions, Hypothesis, Window
-from service.egress import egress_reason
-from service.errors import ConfigError, EarshotError, InvalidRequestError
+from earshot.core.decoding import MAX_WINDOW_SECONDS, Backend, DecodeOptions, Hypothesis, Window
+from earshot.core.errors import ConfigError, EarshotError, InvalidRequestError
+from earshot.service.sovereignty import egress_reason
 
 log = logging.getLogger("earshot.scheduler")
 
