@@ -134,20 +134,20 @@ def run_fw_batched(fw: Any, clips: Sequence[Clip]) -> Run:
 
 def run_earshot_transcribe(runner: Any, clips: Sequence[Clip]) -> Run:
     """What ``earshot transcribe --language en`` does (service/cli.py::cmd_transcribe)."""
-    from earshot.core.decoding import DecodeOptions
-    from earshot.core.voice import VadSettings, segment_speech
-    from earshot.service.cli import _default_batch_size
+    from earshot.core.decoding import DecodeOptions, default_max_batch
+    from earshot.core.voice import VadSettings, span_cutter
+    from earshot.models.silero import shared_model
     from earshot.service.engine.batch import transcribe_files
 
     vad = VadSettings()
-    batch_size = _default_batch_size(runner)
+    batch_size = default_max_batch(runner.capabilities.device, live=False)
     by_path: dict[str, str] = {}
     start = time.perf_counter()
     for outcome in transcribe_files(
         [c.path for c in clips],
         runner,
         DecodeOptions(beam_size=BEAM_SIZE),
-        lambda audio: [(s.start, s.end) for s in segment_speech(audio, vad)],
+        span_cutter(shared_model(), vad),
         batch_size=batch_size,
         language="en",
     ):
@@ -202,9 +202,9 @@ async def gather_limited(
 
 
 def engine_for(runner: Any) -> Any:
-    from earshot.core.voice import shared_model
+    from earshot.models.silero import shared_model
     from earshot.service.config import load_config
-    from earshot.service.http.listen import Engine
+    from earshot.service.engine.engine import Engine
 
     return Engine.create(load_config(env={}, overrides={}), runner, vad_model=shared_model())
 

@@ -65,13 +65,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 import numpy as np
 import numpy.typing as npt
 import soxr
 
-from earshot.core.errors import AudioDecodeError, ConfigError, EarshotError, InvalidRequestError
+from earshot.core.errors import (
+    AudioAfterFinishError,
+    AudioRangeError,
+    AudioRangeNotReceivedError,
+    AudioRangeOverwrittenError,
+    ConfigError,
+    InvalidChannelsError,
+    InvalidSampleRateError,
+    PartialFrameError,
+    UnsupportedEncodingError,
+)
 
 __all__ = [
     "ALAW_TABLE",
@@ -82,19 +92,11 @@ __all__ = [
     "MIN_SAMPLE_RATE",
     "MULAW_TABLE",
     "TARGET_RATE",
-    "AudioAfterFinishError",
     "AudioFormat",
-    "AudioRangeError",
-    "AudioRangeNotReceivedError",
-    "AudioRangeOverwrittenError",
     "FrameDecoder",
-    "InvalidChannelsError",
-    "InvalidSampleRateError",
-    "PartialFrameError",
     "RingBuffer",
     "StreamAudio",
     "StreamResampler",
-    "UnsupportedEncodingError",
 ]
 
 FloatArray = npt.NDArray[np.float32]
@@ -122,68 +124,6 @@ _ALIASES: Final[dict[str, str]] = {"float": "linear32", "float32": "linear32"}
 
 # ---------------------------------------------------------------------------
 # Errors
-
-
-class UnsupportedEncodingError(InvalidRequestError):
-    """``encoding`` is missing or not one Earshot decodes."""
-
-    code = "unsupported_encoding"
-
-
-class InvalidSampleRateError(InvalidRequestError):
-    """``sample_rate`` is missing, not an integer, or outside the allowed range."""
-
-    code = "invalid_sample_rate"
-
-
-class InvalidChannelsError(InvalidRequestError):
-    """``channels`` is not an integer or outside the allowed range."""
-
-    code = "invalid_channels"
-
-
-class PartialFrameError(AudioDecodeError):
-    """The stream ended with bytes that do not make up a whole frame.
-
-    ``tail`` holds the 16 kHz audio that :meth:`StreamAudio.finish` flushed
-    before raising (empty when raised by :meth:`FrameDecoder.finish`), so a
-    caller can warn the client and still use every whole frame it sent.
-    """
-
-    code = "audio_partial_frame"
-
-    def __init__(self, message: str, **details: Any) -> None:
-        super().__init__(message, **details)
-        self.tail: list[FloatArray] = []
-
-
-class AudioAfterFinishError(InvalidRequestError):
-    """Audio arrived for a stream that was already finished."""
-
-    code = "audio_after_finish"
-
-
-class AudioRangeError(EarshotError):
-    """A ring-buffer read asked for a range that is negative or reversed.
-
-    Ring-buffer errors are internal (HTTP 500, websocket 1011): they mean the
-    code reading the buffer is wrong, or that a stream fell further behind
-    than the buffer holds, which the lag limit exists to prevent.
-    """
-
-    code = "audio_range_invalid"
-
-
-class AudioRangeOverwrittenError(AudioRangeError):
-    """The range starts before the oldest sample the ring buffer still holds."""
-
-    code = "audio_range_overwritten"
-
-
-class AudioRangeNotReceivedError(AudioRangeError):
-    """The range ends after the newest sample appended so far."""
-
-    code = "audio_range_not_received"
 
 
 # ---------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from earshot.core.errors import ConfigError
+
 SAMPLE_RATE = 16000
 """Every window given to a backend is mono float32 at this rate."""
 
@@ -136,6 +138,50 @@ class Hypothesis:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend declares it can do, so that nobody has to probe it.
+
+    ``device`` is where it decodes (``"cpu"`` or ``"cuda"``, which the default
+    batch size follows, :func:`default_max_batch`; ``"remote"`` for a service
+    elsewhere).
+    ``multilingual`` is False for an English-only model (a ``.en`` one: no
+    other language, no translation). ``languages`` lists the language codes it
+    decodes, or is None when it takes any code the caller names (a remote
+    service decides for itself).
+    """
+
+    device: str = "cpu"
+    multilingual: bool = True
+    languages: tuple[str, ...] | None = None
+
+    def refuses_language(self, language: str) -> bool:
+        """Whether a request for ``language`` (a code) must be refused here."""
+        return self.languages is not None and language not in self.languages
+
+
+def default_max_batch(device: str, *, live: bool) -> int:
+    """Windows per backend call when the operator sets none.
+
+    On a GPU (``"cuda"`` or ``"cuda:N"``): 16; throughput comes from batching.
+    On a CPU it depends on who waits. Live streams (``live=True``): 1. On a
+    2-core CPU a batch does not raise the encoder's throughput much, and every
+    window of a batch waits for the whole batch: bench/streams.py kept 4
+    streams in real time with batches of 1 and only 1 with batches of 4.
+    Files (``live=False``, the batch CLI): 4, the best throughput measured
+    (tiny, 25 s windows: 35.7 audio-s per s at 4, 29.8 at 1, 30.2 at 16;
+    bench/results/batch_throughput.json). Pass the resolved device, not
+    ``"auto"``; anything else raises ConfigError.
+    """
+    if device == "cpu":
+        return 1 if live else 4
+    if device == "cuda" or device.startswith("cuda:"):
+        return 16
+    raise ConfigError(
+        f"device must be cpu or cuda to choose a batch size, not {device!r}", field="device"
+    )
+
+
 @runtime_checkable
 class Backend(Protocol):
     """A decoder of audio windows. Implementations must be thread-safe for one
@@ -145,6 +191,11 @@ class Backend(Protocol):
     @property
     def name(self) -> str:
         """Short name of the model or service behind this backend."""
+        ...
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What it can do (device, languages): declared, never probed."""
         ...
 
     def provenance(self) -> dict[str, Any]:
@@ -159,4 +210,28 @@ class Backend(Protocol):
         Raises :class:`earshot.core.errors.InvalidRequestError` for a window longer
         than 30 s or an unknown language.
         """
+        ...
+
+
+@runtime_checkable
+class Fallback(Backend, Protocol):
+    """A backend that may take work the local one cannot (the remote one):
+    overflow or failed windows, when policy allows it."""
+
+    @property
+    def model(self) -> str:
+        """The model it serves, by the name clients would ask for."""
+        ...
+
+    @property
+    def circuit_state(self) -> str:
+        """``closed``, ``open`` or ``half_open``."""
+        ...
+
+    def available(self) -> bool:
+        """Whether it takes work now (cheap: no network traffic)."""
+        ...
+
+    def close(self) -> None:
+        """Release its connections; idempotent."""
         ...

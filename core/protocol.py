@@ -15,52 +15,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from earshot.core.audio import AudioFormat
-from earshot.core.errors import EarshotError, InvalidRequestError
+from earshot.core.errors import (
+    EarshotError,
+    InvalidMessageError,
+    InvalidParameterError,
+    UnknownParameterError,
+    UnsupportedParameterError,
+)
 
 PROTOCOL_VERSION = "1"
 
-
-class UnknownParameterError(InvalidRequestError):
-    code = "unknown_parameter"
-
-
-class InvalidParameterError(InvalidRequestError):
-    code = "invalid_parameter"
-
-
-class UnsupportedParameterError(InvalidRequestError):
-    """A Deepgram parameter whose effect a client relies on (redaction, a
-    callback, diarization...) and that Earshot does not implement: refused,
-    never silently ignored."""
-
-    code = "unsupported_parameter"
-
-
-class InvalidMessageError(InvalidRequestError):
-    """A text frame that is not a JSON control message we know. Not fatal."""
-
-    code = "invalid_message"
-
-
-class ModelUnavailableError(InvalidRequestError):
-    code = "model_not_available"
-
-
-# Websocket close codes (docs/protocol.md, "Close codes").
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001  # server shutting down
-CLOSE_PROTOCOL_ERROR = 1002  # e.g. an unmasked client frame
-CLOSE_ABNORMAL = 1006  # never sent: the connection dropped without a close frame
-CLOSE_INVALID_PAYLOAD = 1007  # a text frame (or close reason) that is not UTF-8
-CLOSE_INTERNAL = 1011
-CLOSE_INVALID = 4400  # bad parameters or bad audio
-CLOSE_UNAUTHORIZED = 4401
-CLOSE_IDLE = 4408  # no audio and no KeepAlive for too long
-CLOSE_SESSION_LIMIT = 4409  # the stream reached max_session_s
-CLOSE_TOO_LARGE = 4413  # a frame over the size limit
-CLOSE_LAGGING = 4429  # the stream fell too far behind real time
-CLOSE_CLIENT_NOT_READING = 4430  # the client stopped reading its messages
-CLOSE_OVERLOADED = 4503
 
 # Deepgram options that only shape the text (formatting, tags, billing):
 # accepted so that existing clients work, and listed in Metadata as ignored.

@@ -41,12 +41,11 @@ from typing import Any
 
 import numpy as np
 
-from earshot.core.audio import FrameDecoder, PartialFrameError, RingBuffer, StreamResampler
+from earshot.core.audio import FrameDecoder, RingBuffer, StreamResampler
 from earshot.core.decoding import SAMPLE_RATE, Hypothesis, Window
-from earshot.core.errors import EarshotError
+from earshot.core.errors import EarshotError, LaggingError, PartialFrameError
 from earshot.core.guards import GuardSettings, drop_reason
 from earshot.core.protocol import (
-    CLOSE_LAGGING,
     Event,
     SpeechStartedEvent,
     StreamParams,
@@ -60,14 +59,6 @@ from earshot.core.voice import FrameModel, SpeechEnd, SpeechStart, StreamingVad,
 
 FINAL = "final"
 INTERIM = "interim"
-
-
-class LaggingError(EarshotError):
-    """The stream fell further behind real time than the limit allows."""
-
-    code = "stream_lagging"
-    http_status = 503
-    ws_close_code = CLOSE_LAGGING
 
 
 @dataclass(frozen=True)
@@ -231,9 +222,13 @@ class StreamSession:
         self._resampler = StreamResampler(fmt.sample_rate, n)
         vad_settings = self.settings.vad_settings(params.endpointing_ms)
 
+        if vad_factory is None and vad_model is None:
+            raise TypeError("StreamSession needs a vad_model or a vad_factory")
+
         def make_vad() -> StreamingVad:
             if vad_factory is not None:
                 return vad_factory(vad_settings)
+            assert vad_model is not None
             return StreamingVad(vad_model, vad_settings)
 
         self._channels = [

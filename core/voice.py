@@ -1,4 +1,7 @@
-"""Voice activity detection with the Silero model that ships in faster-whisper.
+"""Voice activity detection: the endpointer's state machine over a frame model.
+
+The model itself (Silero, which ships in faster-whisper) is loaded by
+:mod:`earshot.models.silero`; here it is only a :class:`FrameModel`.
 
 Two ways in, one state machine, so that a file and a stream of the same audio
 are cut at the same places:
@@ -17,7 +20,7 @@ the first input dimension as time, so any number of consecutive frames can be
 scored in one call with the same result as one call per frame; a stream is
 therefore chunk-size invariant to the last bit.
 
-Load the model once per process with :func:`shared_model` and give it to every
+Load the model once per process (``earshot.models.silero.shared_model``) and give it to every
 :class:`StreamingVad`; onnxruntime sessions may be ``run`` from several threads
 at once. One :class:`StreamingVad` belongs to one caller (not thread-safe).
 
@@ -33,6 +36,7 @@ paths in agreement; the tests check that its boundaries agree with
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
@@ -185,61 +189,6 @@ class FrameModel(Protocol):
     def run(self, frames: FloatArray, state: Any) -> tuple[FloatArray, Any]: ...
 
 
-class SileroModel:
-    """The Silero v6 ONNX model: one onnxruntime session, shared by streams.
-
-    Per-stream state (the LSTM's ``h`` and ``c``) lives in the callers, so one
-    instance serves every stream and every thread. Prefer :func:`shared_model`.
-    """
-
-    def __init__(self, session: Any) -> None:
-        self._session = session
-
-    @classmethod
-    def load(cls, path: str | None = None) -> SileroModel:
-        """Open the ONNX file at ``path`` (default: the copy inside faster-whisper,
-        shared with faster-whisper's own ``vad_filter``).
-
-        Raises ``RuntimeError`` if onnxruntime is not installed and onnxruntime's
-        errors if the file is missing or is not a Silero v6 model.
-        """
-        from faster_whisper.vad import SileroVADModel, get_vad_model
-
-        inner = get_vad_model() if path is None else SileroVADModel(path)
-        return cls(inner.session)
-
-    def initial_state(self) -> tuple[FloatArray, FloatArray]:
-        """Zero LSTM state for a new stream."""
-        return (np.zeros((1, 1, 128), np.float32), np.zeros((1, 1, 128), np.float32))
-
-    def run(
-        self, frames: FloatArray, state: tuple[FloatArray, FloatArray]
-    ) -> tuple[FloatArray, tuple[FloatArray, FloatArray]]:
-        """Score ``frames`` (see :class:`FrameModel`); returns probabilities and
-        the new ``(h, c)``."""
-        h, c = state
-        probs, h_out, c_out = self._session.run(None, {"input": frames, "h": h, "c": c})
-        return (
-            np.asarray(probs, dtype=np.float32).reshape(-1),
-            (np.asarray(h_out, dtype=np.float32), np.asarray(c_out, dtype=np.float32)),
-        )
-
-
-_shared: SileroModel | None = None
-
-
-def shared_model() -> SileroModel:
-    """The process-wide Silero model, loaded on first use (about 0.1 s).
-
-    Call it once at startup so the load cost and any error (``RuntimeError``
-    when onnxruntime is missing) happen there, not on a stream's first frame.
-    """
-    global _shared
-    if _shared is None:
-        _shared = SileroModel.load()
-    return _shared
-
-
 # --------------------------------------------------------------------------- events
 
 
@@ -327,8 +276,8 @@ class StreamingVad:
     Not thread-safe: one caller feeds one instance. The model may be shared.
     """
 
-    def __init__(self, model: FrameModel | None = None, settings: VadSettings | None = None):
-        self._model: FrameModel = model if model is not None else shared_model()
+    def __init__(self, model: FrameModel, settings: VadSettings | None = None):
+        self._model = model
         self.settings = settings if settings is not None else VadSettings()
         s = self.settings
         self._threshold = s.threshold
@@ -603,8 +552,8 @@ class StreamingVad:
 
 def segment_speech(
     audio: npt.ArrayLike,
-    options: VadSettings | None = None,
-    model: FrameModel | None = None,
+    options: VadSettings | None,
+    model: FrameModel,
 ) -> list[SpeechSpan]:
     """Cut a whole recording into speech spans of at most ``max_speech_s``.
 
@@ -633,12 +582,23 @@ def segment_speech(
     return spans
 
 
+def span_cutter(
+    model: FrameModel, options: VadSettings | None = None
+) -> Callable[[npt.ArrayLike], list[tuple[float, float]]]:
+    """:func:`segment_speech` with ``model`` and ``options`` bound, giving the
+    ``(start, end)`` seconds of each span: how the batch path cuts a file."""
+
+    def cut(audio: npt.ArrayLike) -> list[tuple[float, float]]:
+        return [(s.start, s.end) for s in segment_speech(audio, options, model)]
+
+    return cut
+
+
 __all__ = [
     "CONTEXT_SAMPLES",
     "FRAME_SAMPLES",
     "SAMPLE_RATE",
     "FrameModel",
-    "SileroModel",
     "SpeechEnd",
     "SpeechSpan",
     "SpeechStart",
@@ -646,5 +606,5 @@ __all__ = [
     "VadEvent",
     "VadSettings",
     "segment_speech",
-    "shared_model",
+    "span_cutter",
 ]

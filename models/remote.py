@@ -48,13 +48,22 @@ import soundfile as sf
 from earshot.core.decoding import (
     MAX_WINDOW_SECONDS,
     SAMPLE_RATE,
+    Capabilities,
     DecodeOptions,
     Hypothesis,
     Segment,
     Window,
     WordTiming,
 )
-from earshot.core.errors import ConfigError, EarshotError, InvalidRequestError
+from earshot.core.errors import (
+    ConfigError,
+    InvalidRequestError,
+    RemoteBadResponseError,
+    RemoteCircuitOpenError,
+    RemoteError,
+    RemoteRejectedError,
+    RemoteUnavailableError,
+)
 from earshot.core.languages import language_code
 
 log = logging.getLogger("earshot.remote")
@@ -67,51 +76,6 @@ _USER_AGENT = "earshot-remote-backend/0.1"
 
 
 # --- errors -------------------------------------------------------------------
-
-
-class RemoteError(EarshotError):
-    """Root of the errors of a remote backend; ``remote`` names it (no credentials)."""
-
-    code = "remote_error"
-    http_status = 502
-    breaker_failure: bool = True
-    """Whether this failure counts towards opening the circuit breaker."""
-
-
-class RemoteUnavailableError(RemoteError):
-    """The remote refused the connection, did not answer in time or answered
-    429/5xx, on every attempt."""
-
-    code = "remote_unavailable"
-    http_status = 503
-    ws_close_code = 1011
-
-
-class RemoteCircuitOpenError(RemoteUnavailableError):
-    """The circuit breaker is open: the call failed at once, nothing was sent."""
-
-    code = "remote_circuit_open"
-
-
-class RemoteRejectedError(RemoteError):
-    """The remote answered 4xx (other than 429): the request itself was refused."""
-
-    code = "remote_rejected"
-    http_status = 502
-
-    def __init__(self, message: str, *, breaker_failure: bool = False, **details: Any) -> None:
-        super().__init__(message, **details)
-        # 401, 403, 404, 405 and redirects say the remote is unusable as
-        # configured (wrong key or URL): they count towards the breaker. A 400
-        # or 413 is about one request and does not.
-        self.breaker_failure = breaker_failure
-
-
-class RemoteBadResponseError(RemoteError):
-    """The remote answered 2xx with a body that is not a verbose_json transcription."""
-
-    code = "remote_bad_response"
-    http_status = 502
 
 
 # --- settings -----------------------------------------------------------------
@@ -458,6 +422,8 @@ class RemoteBackend:
         self._aborts: set[threading.Event] = set()
         self.requests_sent = 0
         """HTTP requests sent (every attempt counts)."""
+        self.capabilities = Capabilities(device="remote")
+        """The remote service decides its languages; it may translate."""
 
     def __repr__(self) -> str:
         return f"RemoteBackend({self._name!r}, base_url={self.settings.base_url!r})"
@@ -467,6 +433,11 @@ class RemoteBackend:
     def name(self) -> str:
         """``remote:MODEL@HOST:PORT``."""
         return self._name
+
+    @property
+    def model(self) -> str:
+        """The model the remote serves, by the name it was configured with."""
+        return self.settings.model
 
     @property
     def base_url(self) -> str:
@@ -1003,12 +974,7 @@ def _segment_of(t: float, rows: Sequence[tuple[Any, ...]]) -> int | None:
 __all__ = [
     "MAX_RESPONSE_BYTES",
     "RemoteBackend",
-    "RemoteBadResponseError",
-    "RemoteCircuitOpenError",
-    "RemoteError",
-    "RemoteRejectedError",
     "RemoteSettings",
-    "RemoteUnavailableError",
     "hypothesis_from_verbose",
     "parse_remote",
     "redact_url",

@@ -44,6 +44,7 @@ import numpy as np
 from earshot.core.decoding import (
     MAX_WINDOW_SECONDS,
     SAMPLE_RATE,
+    Capabilities,
     DecodeOptions,
     Hypothesis,
     Segment,
@@ -173,6 +174,11 @@ class WhisperRunner:
         self._name = name or self._provenance.name
         self._lock = threading.Lock()
         self._multilingual = bool(self._model.model.is_multilingual)
+        self.capabilities = Capabilities(
+            device=self.device,
+            multilingual=self._multilingual,
+            languages=tuple(self._model.supported_languages),
+        )
         self._n_frames = self._model.feature_extractor.nb_max_frames
         self._tokenizers: dict[tuple[str, str], Any] = {}
         self.calls = 0
@@ -181,14 +187,6 @@ class WhisperRunner:
     @property
     def name(self) -> str:
         return self._name
-
-    @property
-    def multilingual(self) -> bool:
-        return self._multilingual
-
-    @property
-    def supported_languages(self) -> list[str]:
-        return list(self._model.supported_languages)
 
     def provenance(self) -> dict[str, Any]:
         out = self._provenance.to_dict()
@@ -216,7 +214,7 @@ class WhisperRunner:
             raise InvalidRequestError(
                 f"task must be transcribe or translate, not {options.task!r}", field="task"
             )
-        languages = set(self.supported_languages)
+        languages = set(self.capabilities.languages or ())
         for i, w in enumerate(windows):
             if w.audio.ndim != 1 or len(w.audio) == 0:
                 raise InvalidRequestError(f"window {i} must be non-empty mono audio", field="audio")

@@ -170,16 +170,11 @@ def _load_runner(args: argparse.Namespace) -> Any:
     return WhisperRunner(resolved.path, settings, name=resolved.name)
 
 
-def _default_batch_size(runner: Any) -> int:
-    # Batching is where a GPU's throughput comes from; on a CPU it barely helps
-    # (bench/batch_throughput.py), so keep batches small there.
-    return 16 if getattr(runner, "device", "cpu") == "cuda" else 4
-
-
 def cmd_transcribe(args: argparse.Namespace) -> int:
-    from earshot.core.decoding import DecodeOptions
+    from earshot.core.decoding import DecodeOptions, default_max_batch
     from earshot.core.formats import render
-    from earshot.core.voice import VadSettings, segment_speech
+    from earshot.core.voice import VadSettings, span_cutter
+    from earshot.models.silero import shared_model
     from earshot.service.engine.audiofile import load_audio
     from earshot.service.engine.batch import BatchStats, transcribe_files
 
@@ -193,7 +188,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         return load_audio(label)
 
     runner = _load_runner(args)
-    batch_size = args.batch_size or _default_batch_size(runner)
+    batch_size = args.batch_size or default_max_batch(runner.capabilities.device, live=False)
     options = DecodeOptions(
         beam_size=args.beam_size,
         word_timestamps=args.word_timestamps,
@@ -234,7 +229,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         args.files,
         runner,
         options,
-        lambda audio: [(s.start, s.end) for s in segment_speech(audio, vad)],
+        span_cutter(shared_model(), vad),
         batch_size=batch_size,
         language=args.language,
         loader=loader,
@@ -323,10 +318,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from earshot.core.voice import shared_model
     from earshot.models.runner import RunnerSettings, WhisperRunner
+    from earshot.models.silero import shared_model
     from earshot.models.store import ModelStore
     from earshot.service.config import config_from_args
+    from earshot.service.engine.engine import Engine
     from earshot.service.engine.startup import (
         build_egress_guard,
         build_remote,
@@ -334,8 +330,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stated_policy,
         verify_model,
     )
+    from earshot.service.http.app import create_app
     from earshot.service.http.auth import check_bind_policy
-    from earshot.service.http.listen import Engine, create_app
     from earshot.service.http.serving import serve
     from earshot.service.logs import configure_logging
     from earshot.service.sovereignty import activate, egress_reason

@@ -46,7 +46,7 @@ class Config:
     compute_type: str = _f("auto", "auto: float16 on cuda, int8 on cpu")
     cpu_threads: int = _f(0, "CTranslate2 threads on CPU (0: automatic)")
     language: str = _f("en", "language when a stream names none (auto: detect)")
-    max_batch: int = _f(0, "jobs per batch (0: 4 on cpu, 16 on cuda)")
+    max_batch: int = _f(0, "windows per decoder call (0: 1 on cpu, 16 on cuda)")
     max_wait_ms: int = _f(10, "how long a batch may wait to fill")
     max_queue: int = _f(256, "queued jobs past which the server counts as overloaded")
     max_streams: int = _f(64, "concurrent streams; more are refused with 503")

@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import errno as _errno
 import functools
 import ipaddress
 import json
@@ -78,7 +77,7 @@ from pathlib import Path
 from typing import IO, Any, TypeAlias, TypeVar
 from urllib.parse import urlsplit
 
-from earshot.core.errors import ConfigError, EarshotError
+from earshot.core.errors import ConfigError, EgressBlockedError, EgressRefusedError
 
 IPAddress: TypeAlias = "ipaddress.IPv4Address | ipaddress.IPv6Address"
 IPNetwork: TypeAlias = "ipaddress.IPv4Network | ipaddress.IPv6Network"
@@ -102,27 +101,6 @@ _T = TypeVar("_T")
 
 
 # ---------------------------------------------------------------- errors
-
-
-class EgressRefusedError(EarshotError):
-    """A destination is outside ``allowed_networks`` in on-prem-only mode."""
-
-    code = "egress_refused"
-    http_status = 503
-
-
-class EgressBlockedError(EgressRefusedError, PermissionError):
-    """Raised by the audit hook from inside a socket call that the guard refuses.
-
-    A :class:`PermissionError` (``errno`` EACCES, ``strerror`` the message), so
-    that socket users (httpx, aiohttp, urllib, asyncio) treat it as a failed
-    connection and keep the message; also an :class:`EgressRefusedError`.
-    """
-
-    def __init__(self, message: str, **details: Any) -> None:
-        super().__init__(message, **details)
-        self.errno = _errno.EACCES
-        self.strerror = message
 
 
 def is_egress_refusal(exc: BaseException | None) -> bool:
@@ -774,9 +752,7 @@ __all__ = [
     "EGRESS_EVENTS",
     "AllowedNetworks",
     "AuditLog",
-    "EgressBlockedError",
     "EgressGuard",
-    "EgressRefusedError",
     "activate",
     "build_guard",
     "check_destination",

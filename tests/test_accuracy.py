@@ -36,13 +36,13 @@ from typing import Any
 import pytest
 
 from earshot.clients.stream import transcribe_stream
-from earshot.core.decoding import DecodeOptions
-from earshot.core.voice import VadSettings, segment_speech, shared_model
+from earshot.core.decoding import DecodeOptions, default_max_batch
+from earshot.core.voice import VadSettings, span_cutter
 from earshot.models.runner import WhisperRunner
-from earshot.service.cli import _default_batch_size
+from earshot.models.silero import shared_model
 from earshot.service.config import load_config
 from earshot.service.engine.batch import transcribe_files
-from earshot.service.http.listen import Engine
+from earshot.service.engine.engine import Engine
 from tests.kit.live import running_server
 from tests.kit.wer import corpus_score, ends_early, normalize, score
 
@@ -239,8 +239,8 @@ def test_earshot_transcribe(case: Case) -> None:
         [c.path for c in case.clips],
         case.runner,
         DecodeOptions(beam_size=5),
-        lambda audio: [(s.start, s.end) for s in segment_speech(audio, vad)],
-        batch_size=_default_batch_size(case.runner),
+        span_cutter(shared_model(), vad),
+        batch_size=default_max_batch(case.runner.capabilities.device, live=False),
         language="en",
     ):
         assert outcome.transcript is not None, outcome.error

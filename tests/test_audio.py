@@ -16,21 +16,26 @@ from earshot.core.audio import (
     ALAW_TABLE,
     MULAW_TABLE,
     TARGET_RATE,
-    AudioAfterFinishError,
     AudioFormat,
-    AudioRangeError,
-    AudioRangeNotReceivedError,
-    AudioRangeOverwrittenError,
     FrameDecoder,
-    InvalidChannelsError,
-    InvalidSampleRateError,
-    PartialFrameError,
     RingBuffer,
     StreamAudio,
     StreamResampler,
+)
+from earshot.core.errors import (
+    AudioAfterFinishError,
+    AudioDecodeError,
+    AudioRangeError,
+    AudioRangeNotReceivedError,
+    AudioRangeOverwrittenError,
+    ConfigError,
+    EarshotError,
+    InvalidChannelsError,
+    InvalidRequestError,
+    InvalidSampleRateError,
+    PartialFrameError,
     UnsupportedEncodingError,
 )
-from earshot.core.errors import AudioDecodeError, ConfigError, EarshotError, InvalidRequestError
 
 F32 = npt.NDArray[np.float32]
 

@@ -18,6 +18,7 @@ from openai import AsyncOpenAI
 from earshot.clients.stream import StreamClient, StreamRefusedError
 from earshot.core.errors import ConfigError
 from earshot.service.config import load_config
+from earshot.service.http.app import create_app
 from earshot.service.http.auth import (
     auth_middleware,
     check_bind_policy,
@@ -27,7 +28,6 @@ from earshot.service.http.auth import (
     parse_keys_text,
     register_auth,
 )
-from earshot.service.http.listen import create_app
 from tests.kit.live import running_server, tone_engine
 
 KEY = "sk-earshot-right"

@@ -37,8 +37,8 @@ import numpy as np
 import pytest
 
 from earshot.core.audio import AudioFormat
+from earshot.core.errors import InvalidMessageError
 from earshot.core.protocol import (
-    InvalidMessageError,
     SpeechStartedEvent,
     StreamParams,
     TranscriptEvent,

@@ -24,14 +24,12 @@ from typing import Any
 
 import pytest
 
-from earshot.core.errors import ConfigError, EarshotError
+from earshot.core.errors import ConfigError, EarshotError, EgressBlockedError, EgressRefusedError
 from earshot.service import sovereignty as egress
 from earshot.service.sovereignty import (
     AllowedNetworks,
     AuditLog,
-    EgressBlockedError,
     EgressGuard,
-    EgressRefusedError,
     activate,
     build_guard,
     check_destination,

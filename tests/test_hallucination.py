@@ -39,13 +39,14 @@ from openai import AsyncOpenAI
 from earshot.clients.stream import transcribe_stream, transcript_of
 from earshot.core.decoding import SAMPLE_RATE, Window
 from earshot.core.guards import compression_ratio, drop_reason
-from earshot.core.voice import StreamingVad, VadSettings, segment_speech, shared_model
+from earshot.core.voice import StreamingVad, VadSettings, segment_speech
 from earshot.models.runner import WhisperRunner
+from earshot.models.silero import shared_model
 from earshot.service.cli import main as cli_main
 from earshot.service.config import load_config
 from earshot.service.engine.audiofile import load_audio
+from earshot.service.engine.engine import Engine, final_options
 from earshot.service.engine.scheduler import JobKind, SchedulerStats
-from earshot.service.http.listen import Engine, final_options
 from tests.kit.live import running_server
 from tests.kit.paths import audio_dir
 

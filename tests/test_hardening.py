@@ -15,10 +15,10 @@ import pytest
 from aiohttp import ClientSession, WSServerHandshakeError
 
 from earshot.clients.stream import encode_audio
-from earshot.core.voice import shared_model
 from earshot.models.runner import WhisperRunner
+from earshot.models.silero import shared_model
 from earshot.service.config import load_config
-from earshot.service.http.listen import Engine
+from earshot.service.engine.engine import Engine
 from tests.kit.live import (
     final_texts,
     masked_frame,

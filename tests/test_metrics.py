@@ -16,8 +16,9 @@ from aiohttp import ClientSession
 from prometheus_client.parser import text_string_to_metric_families
 
 from earshot.clients.stream import StreamClient, transcribe_stream
+from earshot.service.engine.engine import Engine
 from earshot.service.engine.scheduler import BatchReport, JobKind, QueueDepth
-from earshot.service.http.listen import Engine, create_app
+from earshot.service.http.app import create_app
 from earshot.service.http.metrics import METRICS, Metrics, register_metrics_routes
 from tests.kit.live import running_server, tone_engine
 from tests.kit.tones import make_speech, random_script

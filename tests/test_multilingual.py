@@ -25,12 +25,12 @@ from aiohttp import ClientSession, FormData
 
 from earshot.clients.stream import transcribe_stream
 from earshot.core.decoding import SAMPLE_RATE
-from earshot.core.voice import shared_model
 from earshot.models.runner import WhisperRunner
+from earshot.models.silero import shared_model
 from earshot.service.cli import main as cli_main
 from earshot.service.config import load_config
 from earshot.service.engine.audiofile import load_audio
-from earshot.service.http.listen import Engine
+from earshot.service.engine.engine import Engine
 from tests.kit.live import running_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(280)]

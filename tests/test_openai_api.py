@@ -16,8 +16,8 @@ import pytest
 import soundfile as sf
 from openai import AsyncOpenAI
 
-from earshot.core.decoding import SAMPLE_RATE, DecodeOptions, Hypothesis, Window
-from earshot.service.http.listen import Engine
+from earshot.core.decoding import SAMPLE_RATE, Capabilities, DecodeOptions, Hypothesis, Window
+from earshot.service.engine.engine import Engine
 from tests.kit.live import running_server, tone_engine
 from tests.kit.tones import ToneBackend, make_speech, random_script
 
@@ -272,7 +272,7 @@ class TaskRecordingTones(ToneBackend):
 
     def __init__(self, *, multilingual: bool = True) -> None:
         super().__init__()
-        self.multilingual = multilingual
+        self.capabilities = Capabilities(multilingual=multilingual)
         self.tasks: list[str] = []
 
     def transcribe_batch(

@@ -55,7 +55,9 @@ from earshot.core.protocol import (
     parse_control,
     parse_params,
 )
+from earshot.models.silero import shared_model
 from earshot.service.config import load_config
+from earshot.service.engine.engine import Engine
 from tests.kit.tones import ToneBackend
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
@@ -143,7 +145,7 @@ def error_classes() -> dict[str, type[EarshotError]]:
     while pending:
         cls = pending.pop()
         pending.extend(cls.__subclasses__())
-        if cls.__module__ in names:
+        if cls.__module__ in names and "code" in vars(cls):
             assert out.get(cls.code, cls) is cls, f"code {cls.code!r} is defined twice"
             out[cls.code] = cls
     return out
@@ -172,7 +174,7 @@ def warning_codes() -> set[str]:
 def close_constants() -> dict[int, str]:
     return {
         value: name
-        for name, value in vars(protocol_mod).items()
+        for name, value in vars(errors_mod).items()
         if name.startswith("CLOSE_") and isinstance(value, int)
     }
 
@@ -182,7 +184,7 @@ def sample_messages() -> dict[str, dict[str, Any]]:
     params = parse_params([("interim_results", "true")])
     word = Word("hi", 0.1, 0.3, 0.9, "Hi.")
     # The server adds each final's provenance (LiveStream._emit).
-    engine = server_mod.Engine.create(load_config(env={}), ToneBackend())
+    engine = Engine.create(load_config(env={}), ToneBackend(), vad_model=shared_model())
     final_extra = {"kind": "final", "provenance": engine.result_provenance({})}
     results = event_message(
         TranscriptEvent(

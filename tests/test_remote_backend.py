@@ -18,15 +18,19 @@ import pytest
 import soundfile as sf
 
 from earshot.core.decoding import SAMPLE_RATE, Backend, DecodeOptions, Window
-from earshot.core.errors import ConfigError, EarshotError, InvalidRequestError
-from earshot.core.languages import LANGUAGE_NAMES, language_code, language_name
-from earshot.models.remote import (
-    RemoteBackend,
+from earshot.core.errors import (
+    ConfigError,
+    EarshotError,
+    InvalidRequestError,
     RemoteBadResponseError,
     RemoteCircuitOpenError,
     RemoteRejectedError,
-    RemoteSettings,
     RemoteUnavailableError,
+)
+from earshot.core.languages import LANGUAGE_NAMES, language_code, language_name
+from earshot.models.remote import (
+    RemoteBackend,
+    RemoteSettings,
     hypothesis_from_verbose,
     parse_remote,
     redact_url,

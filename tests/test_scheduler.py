@@ -18,16 +18,14 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
-from earshot.core.decoding import DecodeOptions, Hypothesis, Window
-from earshot.core.errors import ConfigError, InvalidRequestError
+from earshot.core.decoding import DecodeOptions, Hypothesis, Window, default_max_batch
+from earshot.core.errors import ConfigError, InvalidRequestError, SchedulerStoppedError
 from earshot.service.engine.scheduler import (
     BatchReport,
     DecodeJob,
     JobKind,
     Scheduler,
     SchedulerSettings,
-    SchedulerStoppedError,
-    default_max_batch,
 )
 
 T = TypeVar("T")
@@ -148,11 +146,12 @@ def text(result: Hypothesis | None) -> str | None:
 
 
 def test_default_max_batch_by_device() -> None:
-    assert default_max_batch("cpu") == 1
-    assert default_max_batch("cuda") == 16
-    assert default_max_batch("cuda:1") == 16
+    assert default_max_batch("cpu", live=True) == 1
+    assert default_max_batch("cpu", live=False) == 4
+    assert default_max_batch("cuda", live=True) == 16
+    assert default_max_batch("cuda:1", live=False) == 16
     with pytest.raises(ConfigError):
-        default_max_batch("auto")
+        default_max_batch("auto", live=True)
     cpu = SchedulerSettings.for_device("cpu")
     assert (cpu.max_batch, cpu.max_wait_ms) == (1, 0.0)
     gpu = SchedulerSettings.for_device("cuda", max_queue=10)

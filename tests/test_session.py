@@ -10,17 +10,11 @@ import pytest
 
 from earshot.clients.stream import encode_audio
 from earshot.core.decoding import DecodeOptions
+from earshot.core.errors import LaggingError
 from earshot.core.protocol import TranscriptEvent, WarningEvent, parse_params
-from earshot.core.session import (
-    FINAL,
-    INTERIM,
-    DecodeRequest,
-    LaggingError,
-    SessionSettings,
-    StreamSession,
-)
+from earshot.core.session import FINAL, INTERIM, DecodeRequest, SessionSettings, StreamSession
 from earshot.core.stabilizer import Stabilizer, normalize_word
-from earshot.core.voice import shared_model
+from earshot.models.silero import shared_model
 from tests.kit.tones import ToneBackend, make_speech
 
 TONE = ToneBackend()

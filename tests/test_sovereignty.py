@@ -30,13 +30,13 @@ from earshot.core.errors import ConfigError, ModelIntegrityError
 from earshot.models.remote import RemoteBackend
 from earshot.models.store import ModelStore
 from earshot.service.config import load_config
+from earshot.service.engine.engine import Engine
 from earshot.service.engine.startup import (
     build_remote,
     check_sovereignty,
     stated_policy,
     verify_model,
 )
-from earshot.service.http.listen import Engine
 from earshot.service.sovereignty import build_guard, guarded
 from tests.kit.fake_remote import FakeRemote, fake_remote
 from tests.kit.live import final_texts, raw_stream, running_server, tone_engine

@@ -14,10 +14,10 @@ import pytest
 from aiohttp import ClientSession, WSServerHandshakeError
 
 from earshot.clients.stream import StreamClient, StreamRefusedError, encode_audio, transcribe_stream
-from earshot.core.voice import shared_model
+from earshot.models.silero import shared_model
 from earshot.service.config import load_config
+from earshot.service.engine.engine import Engine
 from earshot.service.engine.scheduler import JobKind
-from earshot.service.http.listen import Engine
 from tests.kit.live import (
     final_texts,
     masked_frame,

@@ -20,7 +20,6 @@ from earshot.core.voice import (
     CONTEXT_SAMPLES,
     FRAME_SAMPLES,
     SAMPLE_RATE,
-    SileroModel,
     SpeechEnd,
     SpeechSpan,
     SpeechStart,
@@ -28,8 +27,8 @@ from earshot.core.voice import (
     VadEvent,
     VadSettings,
     segment_speech,
-    shared_model,
 )
+from earshot.models.silero import SileroModel, shared_model
 
 F = FRAME_SAMPLES / SAMPLE_RATE  # one frame in seconds (0.032)
 Audio = npt.NDArray[np.float32]

@@ -60,8 +60,16 @@ from enum import Enum
 from types import TracebackType
 from typing import Any, NamedTuple
 
-from earshot.core.decoding import MAX_WINDOW_SECONDS, Backend, DecodeOptions, Hypothesis, Window
-from earshot.core.errors import ConfigError, EarshotError, InvalidRequestError
+from earshot.core.decoding import (
+    MAX_WINDOW_SECONDS,
+    Backend,
+    DecodeOptions,
+    Fallback,
+    Hypothesis,
+    Window,
+    default_max_batch,
+)
+from earshot.core.errors import ConfigError, InvalidRequestError, SchedulerStoppedError
 from earshot.service.sovereignty import egress_reason
 
 log = logging.getLogger("earshot.scheduler")
@@ -84,18 +92,6 @@ class JobKind(str, Enum):
     INTERIM = "interim"
 
 
-class SchedulerStoppedError(EarshotError):
-    """The scheduler is not running (not started yet, stopping or stopped).
-
-    Raised by :meth:`Scheduler.submit`, and set on the futures of jobs that
-    were still queued (or whose batch was abandoned) when the scheduler stopped.
-    """
-
-    code = "server_shutting_down"
-    http_status = 503
-    ws_close_code = 1001
-
-
 @dataclass(frozen=True, eq=False)
 class DecodeJob:
     """One window to decode for one stream and channel.
@@ -116,26 +112,6 @@ class DecodeJob:
     tag: object = None
     submitted_at: float | None = None
     options: DecodeOptions | None = None
-
-
-def default_max_batch(device: str) -> int:
-    """A sensible ``max_batch`` for the device the backend runs on.
-
-    ``"cpu"``: 1. On a 2-core CPU batching does not raise Whisper's encoder
-    throughput (a batch of 8 costs 10 to 45 % more per window than batch 1),
-    and every job of a batch waits for the whole batch: bench/streams.py kept
-    4 streams in real time with batches of 1 and only 1 with batches of 4.
-    ``"cuda"`` or ``"cuda:N"``: 16; on a GPU throughput comes from batching.
-    Pass the resolved device (the runner's ``device``), not ``"auto"``;
-    anything else raises ConfigError.
-    """
-    if device == "cpu":
-        return 1
-    if device == "cuda" or device.startswith("cuda:"):
-        return 16
-    raise ConfigError(
-        f"device must be cpu or cuda to choose a batch size, not {device!r}", field="device"
-    )
 
 
 @dataclass(frozen=True)
@@ -198,7 +174,8 @@ class SchedulerSettings:
         ``overrides`` replace any field by name.
         """
         base = cls(
-            max_batch=default_max_batch(device), max_wait_ms=0.0 if device == "cpu" else 10.0
+            max_batch=default_max_batch(device, live=True),
+            max_wait_ms=0.0 if device == "cpu" else 10.0,
         )
         return replace(base, **overrides)
 
@@ -329,7 +306,7 @@ class Scheduler:
         final_options: DecodeOptions,
         interim_options: DecodeOptions,
         on_batch: BatchHook | None = None,
-        fallback: Backend | None = None,
+        fallback: Fallback | None = None,
         fallback_on: frozenset[str] = frozenset(),
     ) -> None:
         unknown = set(fallback_on) - set(FALLBACK_REASONS)
@@ -649,8 +626,7 @@ class Scheduler:
         is available (its circuit is closed)."""
         if self.fallback is None or reason not in self.fallback_on:
             return False
-        available = getattr(self.fallback, "available", None)
-        return bool(available()) if callable(available) else True
+        return self.fallback.available()
 
     def accepting(self) -> bool:
         """Whether new streams and requests should be accepted: the local queue

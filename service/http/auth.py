@@ -28,9 +28,10 @@ from urllib.parse import urlsplit
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
-from earshot.core.errors import ConfigError, EarshotError
+from earshot.core.errors import ConfigError, EarshotError, ForbiddenOriginError, UnauthorizedError
 from earshot.core.protocol import error_message
 from earshot.service.config import Config, split_list
+from earshot.service.http.context import ENGINE
 from earshot.service.http.demo import DEMO_PATHS
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"}) | DEMO_PATHS
@@ -45,22 +46,6 @@ WWW_AUTHENTICATE = 'Bearer realm="earshot", Token realm="earshot"'
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _AUTH_INSTALLED = web.AppKey("earshot_auth_installed", bool)
-
-
-class UnauthorizedError(EarshotError):
-    """No API key, or one that is not configured."""
-
-    code = "unauthorized"
-    http_status = 401
-    ws_close_code = 4401
-
-
-class ForbiddenOriginError(EarshotError):
-    """A browser ``Origin`` that is not in ``allowed_origins``."""
-
-    code = "forbidden_origin"
-    http_status = 403
-    ws_close_code = 4403
 
 
 # --- keys ---------------------------------------------------------------------
@@ -258,8 +243,6 @@ def register_auth(app: web.Application) -> None:
     """Install :func:`auth_middleware` on an app made by ``create_app(engine)``,
     using the engine's config. Call before the app starts; a second call does
     nothing."""
-    from earshot.service.http.listen import ENGINE  # here: server.py may come to import this module
-
     if app.get(_AUTH_INSTALLED):
         return
     app[_AUTH_INSTALLED] = True

@@ -2,8 +2,8 @@
 
 The page lives with the other clients (``clients/web/``, package data of
 ``earshot.clients``); this module only serves its files, read as resources,
-never as Python imported from the clients. The page (``clients/web/``) is plain HTML, CSS and JavaScript with no build
-step and nothing fetched from elsewhere, so it works on an air-gapped
+never as Python imported from the clients. The page is plain HTML, CSS and
+JavaScript with no build step and nothing fetched from elsewhere, so it works on an air-gapped
 network. It captures the microphone with an AudioWorklet, resamples it to
 16 kHz in the page and streams 16-bit PCM to ``/v1/listen``; it can also
 stream a local audio file through the same websocket code. See

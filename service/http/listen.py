@@ -13,30 +13,31 @@ import functools
 import json
 import logging
 import socket
-import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-import numpy as np
 from aiohttp import WebSocketError, WSCloseCode, WSMessage, WSMsgType, web
 
-from earshot.core import __version__
-from earshot.core.decoding import SAMPLE_RATE, Backend, DecodeOptions, Hypothesis, Window
-from earshot.core.errors import EarshotError
-from earshot.core.protocol import (
+from earshot.core.decoding import Hypothesis
+from earshot.core.errors import (
     CLOSE_ABNORMAL,
     CLOSE_CLIENT_NOT_READING,
-    CLOSE_IDLE,
     CLOSE_INTERNAL,
     CLOSE_NORMAL,
-    CLOSE_SESSION_LIMIT,
-    CLOSE_TOO_LARGE,
+    ClientNotReadingError,
+    EarshotError,
+    FrameTooLargeError,
+    IdleTimeoutError,
+    InvalidHandshakeError,
     InvalidMessageError,
-    ModelUnavailableError,
+    SchedulerStoppedError,
+    ServerFullError,
+    SessionTooLongError,
+    WebsocketRequiredError,
+)
+from earshot.core.protocol import (
     StreamParams,
     TranscriptEvent,
     WarningEvent,
@@ -47,19 +48,13 @@ from earshot.core.protocol import (
     parse_control,
     parse_params,
 )
-from earshot.core.session import FINAL, DecodeRequest, Output, SessionSettings, StreamSession
-from earshot.core.voice import FrameModel, StreamingVad, VadSettings
-from earshot.models.catalog import lookup
-from earshot.service.config import Config
+from earshot.core.session import FINAL, DecodeRequest, Output, StreamSession
+from earshot.service.engine.engine import Engine, backend_label, check_model_name
 from earshot.service.engine.scheduler import (
     DecodeJob,
     JobKind,
-    Scheduler,
-    SchedulerSettings,
-    SchedulerStoppedError,
-    default_max_batch,
 )
-from earshot.service.engine.startup import stated_policy
+from earshot.service.http.context import ENGINE, json_error
 from earshot.service.http.metrics import METRICS
 from earshot.service.http.wsframes import MaskCheck
 from earshot.service.logs import transcript_fields
@@ -67,279 +62,9 @@ from earshot.service.logs import transcript_fields
 log = logging.getLogger("earshot.server")
 
 
-class FrameTooLargeError(EarshotError):
-    code = "frame_too_large"
-    http_status = 413
-    ws_close_code = CLOSE_TOO_LARGE
-
-
-class IdleTimeoutError(EarshotError):
-    code = "idle_timeout"
-    http_status = 408
-    ws_close_code = CLOSE_IDLE
-
-
-class SessionTooLongError(EarshotError):
-    code = "session_too_long"
-    http_status = 408
-    ws_close_code = CLOSE_SESSION_LIMIT
-
-
-class ClientNotReadingError(EarshotError):
-    code = "client_not_reading"
-    http_status = 400
-    ws_close_code = CLOSE_CLIENT_NOT_READING
-
-
-class ModelNotLocalError(EarshotError):
-    """On-prem-only mode: the model asked for would have to come from elsewhere."""
-
-    code = "model_not_local"
-    http_status = 400
-    ws_close_code = 4400
-
-
-class ServerFullError(EarshotError):
-    code = "server_full"
-    http_status = 503
-
-
-class InvalidHandshakeError(EarshotError):
-    """Upgrade headers that do not make a websocket handshake."""
-
-    code = "invalid_handshake"
-    http_status = 400
-
-
-class WebsocketRequiredError(EarshotError):
-    """A plain HTTP request to the websocket endpoint."""
-
-    code = "websocket_required"
-    http_status = 426
-
-
-def final_options(cfg: Config) -> DecodeOptions:
-    return DecodeOptions(
-        beam_size=cfg.final_beam_size,
-        without_timestamps=True,
-        word_timestamps=True,
-        short_context=cfg.final_short_context,
-    )
-
-
-def interim_options(cfg: Config) -> DecodeOptions:
-    return DecodeOptions(
-        beam_size=1,
-        without_timestamps=True,
-        word_timestamps=False,
-        short_context=cfg.interim_short_context,
-    )
-
-
-@dataclass
-class Engine:
-    """What every stream shares: the configuration, the backend and its queue."""
-
-    config: Config
-    backend: Backend
-    scheduler: Scheduler
-    vad_model: FrameModel | None = None
-    vad_factory: Callable[[VadSettings], StreamingVad] | None = None
-    session_settings: SessionSettings = field(default_factory=SessionSettings)
-    policy: dict[str, Any] = field(default_factory=dict)
-    active_streams: int = 0
-    streams_total: int = 0
-    # How streams ended, by websocket close code (also for metrics).
-    closes: Counter[int] = field(default_factory=Counter)
-    streams: set[LiveStream] = field(default_factory=set)
-    shutting_down: bool = False
-
-    async def shut_down(self, deadline: float | None = None) -> None:
-        """Graceful shutdown: refuse new streams, end every open one (each gets
-        the finals of the speech it sent, then close code 1001), by the loop
-        time ``deadline`` (default: ``shutdown_timeout_s`` from now)."""
-        self.shutting_down = True
-        loop = asyncio.get_running_loop()
-        if deadline is None:
-            deadline = loop.time() + self.config.shutdown_timeout_s
-        streams = list(self.streams)
-        for stream in streams:
-            stream.stop()
-        if streams:
-            await asyncio.wait(
-                [asyncio.ensure_future(s.finished.wait()) for s in streams],
-                timeout=max(0.0, deadline - loop.time()),
-            )
-
-    @classmethod
-    def create(
-        cls,
-        config: Config,
-        backend: Backend,
-        *,
-        vad_model: FrameModel | None = None,
-        vad_factory: Callable[[VadSettings], StreamingVad] | None = None,
-        fallback: Backend | None = None,
-        policy: dict[str, Any] | None = None,
-    ) -> Engine:
-        """The engine for ``backend``; ``fallback`` (a remote backend) takes
-        work for the reasons in ``config.fallback_on``. ``policy`` is the
-        sovereignty policy clients are told; by default the one
-        :func:`earshot.service.engine.startup.stated_policy` states for ``config`` (``earshot
-        serve`` passes its own, with its egress guard and its model check)."""
-        device = str(getattr(backend, "device", "cpu"))
-        settings = SchedulerSettings(
-            max_batch=config.max_batch or default_max_batch(device),
-            max_wait_ms=config.max_wait_ms,
-            max_queue=config.max_queue,
-        )
-        scheduler = Scheduler(
-            backend,
-            settings,
-            final_options=final_options(config),
-            interim_options=interim_options(config),
-            fallback=fallback,
-            fallback_on=config.fallback_reasons if fallback is not None else frozenset(),
-        )
-        session_settings = SessionSettings(
-            interim_step_s=config.interim_step_s,
-            max_utterance_s=config.max_utterance_s,
-            lag_warning_s=config.lag_warning_s,
-            lag_limit_s=config.lag_limit_s,
-        )
-        return cls(
-            config,
-            backend,
-            scheduler,
-            vad_model=vad_model,
-            vad_factory=vad_factory,
-            session_settings=session_settings,
-            policy=policy
-            if policy is not None
-            else stated_policy(
-                config,
-                remote=fallback,
-                guard=None,
-                model_verified=backend.provenance().get("record_verified"),
-            ),
-        )
-
-    @property
-    def model_name(self) -> str:
-        return self.backend.name
-
-    def client_provenance(self) -> dict[str, Any]:
-        """The model's provenance as clients see it (no server file paths)."""
-        return {k: v for k, v in self.backend.provenance().items() if k != "path"}
-
-    def result_provenance(self, info: dict[str, Any]) -> dict[str, Any]:
-        """What produced one final: the backend, the model by name and sha256,
-        and the options (by name: the ``decoding`` of the stream's Metadata).
-        ``info`` is the hypothesis' ``info`` (a remote's says which remote)."""
-        if info.get("backend") == "remote":
-            return {
-                "backend": "remote",
-                "remote": info.get("remote") or info.get("name"),
-                "model": info.get("remote_model"),
-                "fallback": info.get("fallback"),
-                "decoding": "final",
-            }
-        return self._local_result_provenance
-
-    @functools.cached_property
-    def _local_result_provenance(self) -> dict[str, Any]:
-        # The served model does not change: asked once, not for every final.
-        prov = self.backend.provenance()
-        return {
-            "backend": "local",
-            "model": self.model_name,
-            "model_sha256": prov.get("model_sha256") or prov.get("sha256"),
-            "decoding": "final",
-        }
-
-    def live_policy(self) -> dict[str, Any]:
-        """The stated policy plus the fallback's state now (``GET /v1/policy``)."""
-        state: dict[str, Any] = {"accepting": self.scheduler.accepting()}
-        fallback = self.scheduler.fallback
-        if fallback is not None:
-            state["fallback_available"] = self.scheduler.fallback_available("overload") or (
-                self.scheduler.fallback_available("failure")
-            )
-            state["fallback_circuit"] = getattr(fallback, "circuit_state", None)
-            stats = self.scheduler.stats()
-            state["fallback_jobs"] = stats.fallback_completed
-        return {**self.policy, "state": state}
-
-    def warm_up(self) -> float:
-        """Decode one second of silence with the interim and the final options,
-        so that the first stream does not pay for one-time start-up costs
-        (CUDA kernels, memory pools). Returns the seconds it took."""
-        start = time.monotonic()
-        window = Window(np.zeros(SAMPLE_RATE, np.float32), language="en")
-        for options in (self.scheduler.interim_options, self.scheduler.final_options):
-            self.backend.transcribe_batch([window], options)
-        return time.monotonic() - start
-
-    def decoding(self) -> dict[str, Any]:
-        return {
-            "final": self.scheduler.final_options.to_dict(),
-            "interim": self.scheduler.interim_options.to_dict(),
-            "max_batch": self.scheduler.settings.max_batch,
-        }
-
-
-ENGINE = web.AppKey("engine", Engine)
-
-
-def json_error(
-    err: EarshotError, *, status: int | None = None, headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.json_response(error_message(err), status=status or err.http_status, headers=headers)
-
-
 # Deepgram tier names that are also Whisper model names: Deepgram clients send
 # them, so they mean the served model like every other Deepgram name.
 _DEEPGRAM_TIERS = frozenset({"base"})
-
-
-def check_model_name(
-    engine: Engine, name: str | None, aliases: Collection[str], hint: str = ""
-) -> str:
-    """The served model's name for a requested model ``name``.
-
-    None, the served model's own name, ``aliases`` (a client protocol's own
-    names for "the model", e.g. Deepgram's tiers or ``whisper-1``) and names
-    Earshot does not know mean the served model. Another Whisper model of the
-    catalogue, or the remote fallback's model, is refused rather than
-    silently answered by a different one: ``model_not_local`` in on-prem-only
-    mode, ``model_not_available`` otherwise (``hint`` is added to its message).
-    """
-    served = engine.model_name
-    if name is None or name == served or name in aliases:
-        return served
-    remote = getattr(getattr(engine.scheduler.fallback, "settings", None), "model", None)
-    if lookup(name) is None and name != remote:
-        return served
-    if engine.config.on_prem_only:
-        raise ModelNotLocalError(
-            f"model {name!r} is not on this server, and on-prem-only mode neither "
-            f"downloads models nor sends audio to a remote one; this server runs {served!r}",
-            field="model",
-            served=served,
-        )
-    raise ModelUnavailableError(
-        f"model {name!r} is not served here; this server runs {served!r}{hint}",
-        field="model",
-        served=served,
-    )
-
-
-def backend_label(info: dict[str, Any]) -> str:
-    """Which backend produced a hypothesis, from its ``info``: ``"local"``, or
-    the remote fallback's name."""
-    if info.get("backend") == "remote":
-        return str(info.get("name") or "remote")
-    return "local"
 
 
 _GONE = WSMessage(WSMsgType.CLOSED, None, None)
@@ -868,59 +593,3 @@ def require_masked_frames(request: web.Request, ws: web.WebSocketResponse) -> No
 
 def _lang(value: str) -> str | None:
     return None if value.lower() in ("auto", "") else value
-
-
-async def handle_health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "version": __version__})
-
-
-async def handle_policy(request: web.Request) -> web.Response:
-    """``GET /v1/policy``: the sovereignty policy in force, and its state now."""
-    return web.json_response(request.app[ENGINE].live_policy())
-
-
-async def handle_ready(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
-    ready = not engine.shutting_down and engine.scheduler.accepting()
-    return web.json_response(
-        {"ready": ready, "active_streams": engine.active_streams},
-        status=200 if ready else 503,
-    )
-
-
-def create_app(engine: Engine) -> web.Application:
-    """The aiohttp application for ``engine``; starts and stops its scheduler."""
-    from earshot.service.http.serving import error_middleware
-
-    app = web.Application(middlewares=[error_middleware])
-    app[ENGINE] = engine
-
-    async def lifecycle(app: web.Application) -> Any:
-        await engine.scheduler.start()
-        yield
-        await engine.scheduler.stop()
-        close = getattr(engine.scheduler.fallback, "close", None)
-        if callable(close):
-            await asyncio.to_thread(close)
-
-    app.cleanup_ctx.append(lifecycle)
-
-    async def on_shutdown(app: web.Application) -> None:
-        await engine.shut_down()
-
-    app.on_shutdown.append(on_shutdown)
-    app.router.add_get("/v1/listen", handle_listen)
-    app.router.add_get("/healthz", handle_health)
-    app.router.add_get("/readyz", handle_ready)
-    app.router.add_get("/v1/policy", handle_policy)
-    # Imported here: these modules import this one.
-    from earshot.service.http.auth import register_auth
-    from earshot.service.http.demo import register_demo_routes
-    from earshot.service.http.metrics import register_metrics_routes
-    from earshot.service.http.openai import register_openai_routes
-
-    register_metrics_routes(app)
-    register_openai_routes(app)
-    register_demo_routes(app)
-    register_auth(app)
-    return app

@@ -1,4 +1,4 @@
-"""Prometheus metrics for one :class:`~earshot.service.http.listen.Engine`, served at ``GET /metrics``.
+"""Prometheus metrics for one :class:`~earshot.service.engine.engine.Engine`, at ``GET /metrics``.
 
 Every :class:`Metrics` owns its own :class:`~prometheus_client.CollectorRegistry`
 (never the process-wide default one), so several apps, and tests, can live in
@@ -33,7 +33,7 @@ server calls and the scrape handler); none of it blocks.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -42,10 +42,9 @@ from prometheus_client import generate_latest as _generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from earshot.service.engine.engine import Engine
 from earshot.service.engine.scheduler import BatchHook, BatchReport, JobKind
-
-if TYPE_CHECKING:
-    from earshot.service.http.listen import Engine
+from earshot.service.http.context import ENGINE
 
 NAMESPACE = "earshot"
 
@@ -309,8 +308,6 @@ def register_metrics_routes(app: web.Application) -> Metrics:
     Call before the app is started (its router freezes then); a second call
     returns the same :class:`Metrics` and adds nothing.
     """
-    from earshot.service.http.listen import ENGINE  # here: server.py may come to import this module
-
     if METRICS in app:
         return app[METRICS]
     metrics = Metrics(app[ENGINE]).bind()

@@ -40,22 +40,28 @@ import numpy as np
 from aiohttp import BodyPartReader, web
 
 from earshot.core.decoding import SAMPLE_RATE, DecodeOptions, Hypothesis, Window
-from earshot.core.errors import EarshotError, InvalidRequestError
+from earshot.core.errors import (
+    AudioTooLongError,
+    BodyTimeoutError,
+    DecodeFailedError,
+    EarshotError,
+    InvalidRequestError,
+    MalformedUploadError,
+    ModelUnavailableError,
+    SchedulerStoppedError,
+    ServerFullError,
+    TranslationUnavailableError,
+    UploadTooLargeError,
+)
 from earshot.core.formats import TimedSegment, Transcript, to_srt, to_vtt
 from earshot.core.guards import compression_ratio, drop_reason
 from earshot.core.languages import language_name
-from earshot.core.protocol import ModelUnavailableError
 from earshot.core.voice import VadSettings, segment_speech
 from earshot.service.engine.audiofile import load_audio
 from earshot.service.engine.batch import pieces_from_spans, segments_on_clock
-from earshot.service.engine.scheduler import DecodeJob, JobKind, SchedulerStoppedError
-from earshot.service.http.listen import (
-    ENGINE,
-    Engine,
-    ServerFullError,
-    backend_label,
-    check_model_name,
-)
+from earshot.service.engine.engine import Engine, backend_label, check_model_name
+from earshot.service.engine.scheduler import DecodeJob, JobKind
+from earshot.service.http.context import ENGINE
 from earshot.service.http.metrics import METRICS
 
 log = logging.getLogger("earshot.http")
@@ -78,26 +84,6 @@ _REGISTERED_KEY = web.AppKey("openai_routes_registered", bool)
 _CREATED_KEY = web.AppKey("openai_models_created", int)
 
 MODEL_HEADER = "x-earshot-model"
-
-
-class UploadTooLargeError(EarshotError):
-    code = "upload_too_large"
-    http_status = 413
-
-
-class AudioTooLongError(EarshotError):
-    code = "audio_too_long"
-    http_status = 413
-
-
-class TranslationUnavailableError(EarshotError):
-    code = "translation_unavailable"
-    http_status = 400
-
-
-class DecodeFailedError(EarshotError):
-    code = "decode_failed"
-    http_status = 500
 
 
 # --- errors -------------------------------------------------------------------
@@ -213,19 +199,6 @@ def _too_large(size: int, limit: int) -> UploadTooLargeError:
         limit_bytes=limit,
         size_bytes=size,
     )
-
-
-class MalformedUploadError(InvalidRequestError):
-    """The body is not the multipart form it claims to be."""
-
-    code = "invalid_multipart"
-
-
-class BodyTimeoutError(EarshotError):
-    """The client stopped sending its body."""
-
-    code = "body_timeout"
-    http_status = 408
 
 
 async def _within(step: Awaitable[T], timeout: float) -> T:
@@ -376,11 +349,7 @@ def _check_fields(
 
 def _check_language(engine: Engine, language: str | None) -> None:
     """Refuse a language the backend would refuse, before it can fail a batch."""
-    supported = getattr(engine.backend, "supported_languages", None)
-    if language is None or supported is None:
-        return
-    names = supported() if callable(supported) else supported
-    if language not in names:
+    if language is not None and engine.backend.capabilities.refuses_language(language):
         raise InvalidRequestError(
             f"language {language!r} is not supported by {engine.model_name!r}",
             field="language",
@@ -622,7 +591,7 @@ def _task_options(engine: Engine, task: str) -> DecodeOptions | None:
     """The options for ``task``: None (the finals' own) to transcribe."""
     if task == "transcribe":
         return None
-    if getattr(engine.backend, "multilingual", True) is False:
+    if not engine.backend.capabilities.multilingual:
         raise TranslationUnavailableError(
             f"model {engine.model_name!r} knows only English and cannot translate; "
             "serve a multilingual model (one without .en) for /v1/audio/translations",

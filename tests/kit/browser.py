@@ -27,7 +27,8 @@ import numpy.typing as npt
 import soundfile as sf
 from aiohttp import web
 
-from earshot.service.http.listen import Engine, create_app
+from earshot.service.engine.engine import Engine
+from earshot.service.http.app import create_app
 from tests.kit.paths import REPO_ROOT
 
 T = TypeVar("T")

@@ -599,7 +599,7 @@ def valid_multipart_specs() -> st.SearchStrategy[MultipartSpec]:
 
 
 def form_fields() -> st.SearchStrategy[dict[str, str]]:
-    """The text fields of a form, as :func:`earshot.service.http.openai.read_upload` collects them."""
+    """The text fields of a form, as ``earshot.service.http.openai.read_upload`` collects them."""
     pairs = st.sampled_from(tuple(FIELD_VALUES)).flatmap(
         lambda name: st.tuples(
             st.just(name),

@@ -10,16 +10,17 @@ from typing import Any
 
 from aiohttp import ClientSession, WSMsgType, web
 
-from earshot.core.decoding import Backend
-from earshot.core.voice import shared_model
+from earshot.core.decoding import Backend, Fallback
+from earshot.models.silero import shared_model
 from earshot.service.config import load_config
-from earshot.service.http.listen import Engine, create_app
+from earshot.service.engine.engine import Engine
+from earshot.service.http.app import create_app
 from earshot.service.http.serving import EarshotRunner
 from tests.kit.tones import ToneBackend
 
 
 def tone_engine(
-    backend: Backend | None = None, *, fallback: Backend | None = None, **overrides: Any
+    backend: Backend | None = None, *, fallback: Fallback | None = None, **overrides: Any
 ) -> Engine:
     """An engine serving ``backend`` (the tone-language reader by default)
     with the real Silero endpointer; ``overrides`` are configuration settings

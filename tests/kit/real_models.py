@@ -42,10 +42,10 @@ def real_model(name: str) -> Path:
 def real_model_server(model_path: Path, **settings: Any) -> Iterator[ServerThread]:
     """A server thread on 127.0.0.1 serving the real model at ``model_path``
     (one runner, loaded once), with the real Silero endpointer."""
-    from earshot.core.voice import shared_model
     from earshot.models.runner import WhisperRunner
+    from earshot.models.silero import shared_model
     from earshot.service.config import load_config
-    from earshot.service.http.listen import Engine
+    from earshot.service.engine.engine import Engine
     from tests.kit.browser import ServerThread
 
     runner = WhisperRunner(model_path)

@@ -55,6 +55,7 @@ from earshot.core.decoding import (
     MAX_WINDOW_SECONDS,
     SAMPLE_RATE,
     AudioArray,
+    Capabilities,
     DecodeOptions,
     Hypothesis,
     Segment,
@@ -580,6 +581,9 @@ class ToneBackend:
     in scheduler tests. :attr:`calls`, :attr:`windows_decoded` and
     :attr:`batch_sizes` count the work done.
     """
+
+    capabilities = Capabilities()
+    """Any language, on the CPU (the tones have no language)."""
 
     def __init__(
         self,
