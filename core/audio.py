@@ -71,6 +71,7 @@ import numpy as np
 import numpy.typing as npt
 import soxr
 
+from earshot.core.decoding import SAMPLE_RATE
 from earshot.core.errors import (
     AudioAfterFinishError,
     AudioRangeError,
@@ -102,7 +103,7 @@ __all__ = [
 FloatArray = npt.NDArray[np.float32]
 Quality = Literal["QQ", "LQ", "MQ", "HQ", "VHQ"]
 
-TARGET_RATE: Final = 16_000
+TARGET_RATE: Final = SAMPLE_RATE
 """Sample rate of everything downstream of this module (Whisper's and Silero's rate)."""
 
 MIN_SAMPLE_RATE: Final = 8_000
@@ -589,22 +590,27 @@ class StreamAudio:
 
     Create one per stream from its validated :class:`AudioFormat`, call
     :meth:`push` with each binary message in order and :meth:`finish` once at
-    the end. Each channel's audio is also kept in ``buffers[channel]``, a
-    :class:`RingBuffer` of ``buffer_seconds`` (a setting) on the stream clock.
+    the end. With ``mix_down`` the channels are averaged into one before
+    resampling (a stream that did not ask for ``multichannel``). Each output
+    channel's audio is also kept in ``buffers[channel]``, a :class:`RingBuffer`
+    of ``buffer_seconds`` (a setting) on the stream clock.
     """
 
     def __init__(
         self,
         fmt: AudioFormat,
         *,
+        mix_down: bool = False,
         buffer_seconds: float = DEFAULT_BUFFER_SECONDS,
         quality: Quality = "HQ",
     ) -> None:
         self.format = fmt
+        self.mix_down = mix_down and fmt.channels > 1
+        channels = 1 if self.mix_down else fmt.channels
         self.decoder = FrameDecoder(fmt)
-        self.resampler = StreamResampler(fmt.sample_rate, fmt.channels, TARGET_RATE, quality)
+        self.resampler = StreamResampler(fmt.sample_rate, channels, TARGET_RATE, quality)
         self.buffers: tuple[RingBuffer, ...] = tuple(
-            RingBuffer.for_seconds(buffer_seconds, TARGET_RATE) for _ in range(fmt.channels)
+            RingBuffer.for_seconds(buffer_seconds, TARGET_RATE) for _ in range(channels)
         )
         self._finished = False
 
@@ -630,6 +636,8 @@ class StreamAudio:
                 "audio received after the stream was finished", bytes=len(payload)
             )
         decoded = self.decoder.decode(payload)
+        if self.mix_down:
+            decoded = decoded.mean(axis=0, keepdims=True, dtype=np.float32)
         return self._store(self.resampler.process(decoded))
 
     def finish(self) -> list[FloatArray]:

@@ -14,13 +14,19 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from earshot.core.errors import ConfigError
+from earshot.core.errors import ConfigError, InvalidRequestError
 
 SAMPLE_RATE = 16000
 """Every window given to a backend is mono float32 at this rate."""
 
 MAX_WINDOW_SECONDS = 30.0
 """Whisper's context: a window longer than this is refused."""
+
+WINDOW_TOLERANCE_S = 0.05
+"""How far past :data:`MAX_WINDOW_SECONDS` a window may run (resampling and
+frame rounding add a few samples) before it is refused."""
+
+TASKS = ("transcribe", "translate")
 
 AudioArray = npt.NDArray[np.float32]
 
@@ -136,6 +142,32 @@ class Hypothesis:
     words: tuple[WordTiming, ...] = ()
     # Extra facts a backend wants to pass along (e.g. which remote served it).
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def check_windows(windows: Sequence[Window], options: DecodeOptions) -> None:
+    """The one check of what may reach a backend: a known task, and windows of
+    non-empty mono audio no longer than 30 s. Raises InvalidRequestError."""
+    if options.task not in TASKS:
+        raise InvalidRequestError(
+            f"task must be transcribe or translate, not {options.task!r}", field="task"
+        )
+    for i, window in enumerate(windows):
+        check_window(window, f"window {i}")
+
+
+def check_window(window: Window, label: str = "a decode window") -> None:
+    """Raise InvalidRequestError unless ``window`` is non-empty mono audio of at
+    most :data:`MAX_WINDOW_SECONDS` (plus :data:`WINDOW_TOLERANCE_S`)."""
+    if np.ndim(window.audio) != 1 or len(window.audio) == 0:
+        raise InvalidRequestError(
+            f"{label} must be non-empty mono audio, not shape {np.shape(window.audio)}",
+            field="audio",
+        )
+    if window.duration > MAX_WINDOW_SECONDS + WINDOW_TOLERANCE_S:
+        raise InvalidRequestError(
+            f"{label} is {window.duration:.2f} s long; the maximum is {MAX_WINDOW_SECONDS:.0f} s",
+            field="audio",
+        )
 
 
 @dataclass(frozen=True)

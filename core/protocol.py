@@ -22,6 +22,7 @@ from earshot.core.errors import (
     UnknownParameterError,
     UnsupportedParameterError,
 )
+from earshot.core.values import parse_bool
 
 PROTOCOL_VERSION = "1"
 
@@ -90,14 +91,12 @@ DEFAULT_ENDPOINTING_MS = 500
 
 
 def _parse_bool(name: str, value: str) -> bool:
-    v = value.strip().lower()
-    if v in ("true", "1", "yes", "on"):
-        return True
-    if v in ("false", "0", "no", "off"):
-        return False
-    raise InvalidParameterError(
-        f"{name} must be true or false, not {value!r}", field=name, value=value
-    )
+    try:
+        return parse_bool(value)
+    except ValueError:
+        raise InvalidParameterError(
+            f"{name} must be true or false, not {value!r}", field=name, value=value
+        ) from None
 
 
 def _parse_int(name: str, value: str, lo: int, hi: int) -> int:

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from earshot.core.audio import FrameDecoder, RingBuffer, StreamResampler
+from earshot.core.audio import FloatArray, RingBuffer, StreamAudio
 from earshot.core.decoding import SAMPLE_RATE, Hypothesis, Window
 from earshot.core.errors import EarshotError, LaggingError, PartialFrameError
 from earshot.core.guards import GuardSettings, drop_reason
@@ -217,9 +217,12 @@ class StreamSession:
         self._t0: float | None = None
         self.settings = settings or SessionSettings()
         fmt = params.audio
-        self._decoder = FrameDecoder(fmt)
+        self._audio = StreamAudio(
+            fmt,
+            mix_down=not params.multichannel,
+            buffer_seconds=self.settings.buffer_seconds,
+        )
         n = params.decoded_channels
-        self._resampler = StreamResampler(fmt.sample_rate, n)
         vad_settings = self.settings.vad_settings(params.endpointing_ms)
 
         if vad_factory is None and vad_model is None:
@@ -232,8 +235,7 @@ class StreamSession:
             return StreamingVad(vad_model, vad_settings)
 
         self._channels = [
-            _Channel(i, make_vad(), RingBuffer.for_seconds(self.settings.buffer_seconds))
-            for i in range(n)
+            _Channel(i, make_vad(), self._audio.buffers[i]) for i in range(n)
         ]
         self._finished = False
         self._lag_warned = False
@@ -275,8 +277,7 @@ class StreamSession:
         self.bytes_received += len(payload)
         if self._t0 is None:
             self._t0 = self._clock() if self._clock is not None else 0.0
-        decoded = self._decoder.decode(payload)
-        return self._ingest(self._resample(decoded), interims_allowed)
+        return self._ingest(self._audio.push(payload), interims_allowed)
 
     def finalize(self) -> Output:
         """Close every open utterance now (the client's ``Finalize``).
@@ -315,12 +316,11 @@ class StreamSession:
         self._finished = True
         error: EarshotError | None = None
         try:
-            self._decoder.finish()
+            tail = self._audio.finish()
         except PartialFrameError as exc:
             error = exc
-        tail = self._resampler.flush()
-        if tail.shape[-1]:
-            out.extend(self._ingest(tail, lambda _ch: False))
+            tail = exc.tail
+        out.extend(self._ingest(tail, lambda _ch: False))
         for ch in self._channels:
             self._apply_vad_events(ch, ch.vad.flush(), out)
             if ch.open_start is not None:
@@ -411,20 +411,16 @@ class StreamSession:
 
     # -- internals ----------------------------------------------------------
 
-    def _resample(self, decoded: np.ndarray) -> np.ndarray:
-        if not self.params.multichannel and decoded.shape[0] > 1:
-            decoded = decoded.mean(axis=0, keepdims=True, dtype=np.float32)
-        return self._resampler.process(decoded)
-
     def _ingest(
-        self, samples: np.ndarray, interims_allowed: Callable[[int], bool] | None
+        self, samples: list[FloatArray], interims_allowed: Callable[[int], bool] | None
     ) -> Output:
+        """Feed each channel's new 16 kHz samples (already in its buffer) to its
+        voice detector and request what falls due."""
         out = Output()
         for ch in self._channels:
-            chunk = np.ascontiguousarray(samples[ch.index], dtype=np.float32)
+            chunk = samples[ch.index]
             if not len(chunk):
                 continue
-            ch.buffer.append(chunk)
             self._apply_vad_events(ch, ch.vad.feed(chunk), out)
             if self.params.interim_results and (
                 interims_allowed is None or interims_allowed(ch.index)

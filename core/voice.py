@@ -43,10 +43,10 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from earshot.core.decoding import SAMPLE_RATE
 from earshot.core.errors import InvalidRequestError
 
-SAMPLE_RATE = 16000
-"""The only rate the model accepts; resample before feeding."""
+# The only rate the model accepts (resample before feeding): the decoders' rate.
 
 FRAME_SAMPLES = 512
 """Samples scored per model step (32 ms)."""

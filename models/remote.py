@@ -46,7 +46,6 @@ import numpy as np
 import soundfile as sf
 
 from earshot.core.decoding import (
-    MAX_WINDOW_SECONDS,
     SAMPLE_RATE,
     Capabilities,
     DecodeOptions,
@@ -54,10 +53,10 @@ from earshot.core.decoding import (
     Segment,
     Window,
     WordTiming,
+    check_windows,
 )
 from earshot.core.errors import (
     ConfigError,
-    InvalidRequestError,
     RemoteBadResponseError,
     RemoteCircuitOpenError,
     RemoteError,
@@ -71,7 +70,6 @@ log = logging.getLogger("earshot.remote")
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 """Largest answer accepted from a remote (a 30 s window's verbose_json is a few KiB)."""
 
-_WINDOW_TOLERANCE_S = 0.05
 _USER_AGENT = "earshot-remote-backend/0.1"
 
 
@@ -477,7 +475,7 @@ class RemoteBackend:
         if not windows:
             return []
         items = list(windows)
-        _validate(items, options)
+        check_windows(items, options)
         if self._closed:
             raise self._closed_error()
         if not self._breaker.available():
@@ -781,21 +779,6 @@ def _describe(exc: httpx.TransportError, s: RemoteSettings) -> str:
     if isinstance(exc, httpx.ConnectError):
         return f"connection failed ({detail or 'refused or unreachable'})"
     return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-
-
-def _validate(windows: Sequence[Window], options: DecodeOptions) -> None:
-    if options.task not in ("transcribe", "translate"):
-        raise InvalidRequestError(
-            f"task must be transcribe or translate, not {options.task!r}", field="task"
-        )
-    for i, w in enumerate(windows):
-        if np.ndim(w.audio) != 1 or len(w.audio) == 0:
-            raise InvalidRequestError(f"window {i} must be non-empty mono audio", field="audio")
-        if w.duration > MAX_WINDOW_SECONDS + _WINDOW_TOLERANCE_S:
-            raise InvalidRequestError(
-                f"window {i} is {w.duration:.2f} s long; the maximum is {MAX_WINDOW_SECONDS:.0f} s",
-                field="audio",
-            )
 
 
 def _wav_bytes(window: Window) -> bytes:

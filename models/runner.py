@@ -50,6 +50,7 @@ from earshot.core.decoding import (
     Segment,
     Window,
     WordTiming,
+    check_windows,
 )
 from earshot.core.errors import ConfigError, InvalidRequestError
 from earshot.models.provenance import ChecksumCache, Provenance, folder_provenance
@@ -58,8 +59,6 @@ log = logging.getLogger("earshot.runner")
 
 _PREPEND_PUNCT = "\"'“¿([{-"
 _APPEND_PUNCT = "\"'.。,，!！?？:：”)]}、"
-# A window may be a few ms over 30 s after resampling; Whisper pads to 30 s anyway.
-_WINDOW_TOLERANCE_S = 0.05
 # Continuations of a window that ended early (see the module docstring): at most
 # this many per window, and none for a remainder shorter than this.
 _MAX_CONTINUATIONS = 8
@@ -210,20 +209,9 @@ class WhisperRunner:
 
     # -- internals ---------------------------------------------------------
     def _validate(self, windows: Sequence[Window], options: DecodeOptions) -> None:
-        if options.task not in ("transcribe", "translate"):
-            raise InvalidRequestError(
-                f"task must be transcribe or translate, not {options.task!r}", field="task"
-            )
+        check_windows(windows, options)
         languages = set(self.capabilities.languages or ())
-        for i, w in enumerate(windows):
-            if w.audio.ndim != 1 or len(w.audio) == 0:
-                raise InvalidRequestError(f"window {i} must be non-empty mono audio", field="audio")
-            if w.duration > MAX_WINDOW_SECONDS + _WINDOW_TOLERANCE_S:
-                raise InvalidRequestError(
-                    f"window {i} is {w.duration:.2f} s long; the maximum is "
-                    f"{MAX_WINDOW_SECONDS:.0f} s",
-                    field="audio",
-                )
+        for w in windows:
             if w.language is not None and w.language not in languages:
                 raise InvalidRequestError(
                     f"language {w.language!r} is not supported by model {self.name}",

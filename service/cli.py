@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from earshot.core import __version__
-from earshot.core.errors import EarshotError
+from earshot.core.errors import ConfigError, EarshotError
+from earshot.core.values import parse_bool
 
 EXIT_OK = 0
 EXIT_INPUT_FAILED = 1
@@ -429,7 +430,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--allow-download",
         action="store_true",
-        default=os.environ.get("EARSHOT_ALLOW_DOWNLOAD", "") == "1",
+        default=_env_bool("EARSHOT_ALLOW_DOWNLOAD"),
         help="download a catalogue model from the hub if it is not in the store",
     )
 
@@ -506,12 +507,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "batch_size", 0) < 0:
-        parser.error("--batch-size must be positive")
+def _env_bool(name: str) -> bool:
+    raw = os.environ.get(name, "")
     try:
+        return parse_bool(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be true or false, not {raw!r}", field=name) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if getattr(args, "batch_size", 0) < 0:
+            parser.error("--batch-size must be positive")
         return int(args.func(args))
     except EarshotError as exc:
         _err(f"{exc.message} [{exc.code}]")

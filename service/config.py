@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from earshot.core.errors import ConfigError
+from earshot.core.values import parse_bool
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -167,6 +168,13 @@ class Config:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @property
+    def default_language(self) -> str | None:
+        """The language of streams and requests that name none, as a lower-case
+        code; None (``auto`` or empty) to detect it."""
+        value = self.language.strip().lower()
+        return None if value in ("auto", "") else value
+
+    @property
     def fallback_reasons(self) -> frozenset[str]:
         return frozenset(split_list(self.fallback_on))
 
@@ -176,12 +184,7 @@ def _convert(name: str, kind: Any, raw: Any) -> Any:
         if kind in (bool, "bool"):
             if isinstance(raw, bool):
                 return raw
-            value = str(raw).strip().lower()
-            if value in ("1", "true", "yes", "on"):
-                return True
-            if value in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError(value)
+            return parse_bool(str(raw))
         if kind in (int, "int"):
             return int(raw)
         if kind in (float, "float"):

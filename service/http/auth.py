@@ -29,6 +29,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
 from earshot.core.errors import ConfigError, EarshotError, ForbiddenOriginError, UnauthorizedError
+from earshot.core.openai_wire import error_envelope, is_openai_path
 from earshot.core.protocol import error_message
 from earshot.service.config import Config, split_list
 from earshot.service.http.context import ENGINE
@@ -167,15 +168,10 @@ def check_bind_policy(config: Config) -> None:
 # --- middleware -----------------------------------------------------------------
 
 
-def _is_openai_path(path: str) -> bool:
-    return path.startswith("/v1/audio/") or path == "/v1/models" or path.startswith("/v1/models/")
-
-
 def _refusal(request: web.Request, err: EarshotError, headers: dict[str, str]) -> web.Response:
     body: dict[str, Any]
-    if _is_openai_path(request.path):
-        kind = "authentication_error" if err.http_status == 401 else "permission_error"
-        body = {"error": {"message": err.message, "type": kind, "code": err.code, "param": None}}
+    if is_openai_path(request.path):
+        body = error_envelope(err.code, err.message, err.http_status)
     else:
         body = error_message(err)
     from earshot.service.http.metrics import (

@@ -489,7 +489,7 @@ async def handle_listen(request: web.Request) -> web.StreamResponse:
             headers={"Retry-After": "2"},
         )
     try:
-        params = parse_params(list(request.query.items()), default_language=_lang(cfg.language))
+        params = parse_params(list(request.query.items()), default_language=cfg.default_language)
         check_model_name(engine, params.model, _DEEPGRAM_TIERS)
     except EarshotError as exc:
         return refuse(exc)
@@ -589,7 +589,3 @@ def require_masked_frames(request: web.Request, ws: web.WebSocketResponse) -> No
         log.warning("cannot check that client frames are masked")
         return
     protocol._payload_parser = _MaskCheckingParser(inner, queue)
-
-
-def _lang(value: str) -> str | None:
-    return None if value.lower() in ("auto", "") else value

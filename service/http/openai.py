@@ -56,6 +56,8 @@ from earshot.core.errors import (
 from earshot.core.formats import TimedSegment, Transcript, to_srt, to_vtt
 from earshot.core.guards import compression_ratio, drop_reason
 from earshot.core.languages import language_name
+from earshot.core.openai_wire import error_body
+from earshot.core.values import parse_bool
 from earshot.core.voice import VadSettings, segment_speech
 from earshot.service.engine.audiofile import load_audio
 from earshot.service.engine.batch import pieces_from_spans, segments_on_clock
@@ -89,20 +91,6 @@ MODEL_HEADER = "x-earshot-model"
 # --- errors -------------------------------------------------------------------
 
 
-def openai_error_body(err: EarshotError, *, status: int | None = None) -> dict[str, Any]:
-    """OpenAI's error object for ``err``; ``param`` is the form field at fault."""
-    status = status or err.http_status
-    param = err.details.get("field")
-    return {
-        "error": {
-            "message": err.message,
-            "type": "invalid_request_error" if status < 500 else "server_error",
-            "code": err.code,
-            "param": param if isinstance(param, str) else None,
-        }
-    }
-
-
 def openai_error(
     err: EarshotError,
     engine: Engine,
@@ -111,7 +99,7 @@ def openai_error(
     headers: dict[str, str] | None = None,
 ) -> web.Response:
     return web.json_response(
-        openai_error_body(err, status=status),
+        error_body(err, status=status),
         status=status or err.http_status,
         headers={MODEL_HEADER: engine.model_name, **(headers or {})},
     )
@@ -233,12 +221,12 @@ async def _read_part(
 
 
 def _bool(name: str, raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in ("true", "1", "yes"):
-        return True
-    if value in ("false", "0", "no", ""):
-        return False
-    raise InvalidRequestError(f"{name} must be true or false, not {raw!r}", field=name)
+    try:
+        return parse_bool(raw)
+    except ValueError:
+        raise InvalidRequestError(
+            f"{name} must be true or false, not {raw!r}", field=name
+        ) from None
 
 
 async def read_upload(request: web.Request, limit: int, timeout: float = 30.0) -> AudioRequest:
@@ -571,7 +559,7 @@ async def _stream(
             try:
                 piece = PieceResult(start, end, await _result(fut))
             except EarshotError as exc:
-                await response.write(_sse({"type": "error", **openai_error_body(exc)}))
+                await response.write(_sse({"type": "error", **error_body(exc)}))
                 return response
             if piece.text:
                 delta = piece.text if not texts else " " + piece.text
@@ -616,8 +604,7 @@ async def _transcribe(request: web.Request, task: str) -> web.StreamResponse:
         resolve_model(engine, req.model)
         language = req.language
         if language is None and task == "transcribe":
-            default = cfg.language.strip().lower()
-            language = None if default in ("auto", "") else default
+            language = cfg.default_language
         _check_language(engine, language)
         loaded = await asyncio.to_thread(load_audio, req.audio, label=req.filename)
         if loaded.duration > cfg.max_audio_s:

@@ -41,6 +41,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
+from earshot.core.openai_wire import error_envelope, is_openai_path
 from earshot.service.config import Config
 
 log = logging.getLogger("earshot.http")
@@ -87,16 +88,10 @@ def http_error_code(status: int) -> str:
     return _HTTP_CODES.get(status, "bad_request" if status < 500 else "internal_error")
 
 
-def is_openai_path(path: str) -> bool:
-    """Paths whose clients expect OpenAI's error envelope."""
-    return path.startswith("/v1/audio/") or path == "/v1/models" or path.startswith("/v1/models/")
-
-
 def error_body(path: str, status: int, code: str, message: str) -> dict[str, Any]:
     """The one error shape: ``{"code", "message"}``, or OpenAI's envelope."""
     if is_openai_path(path):
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        return {"error": {"message": message, "type": kind, "code": code, "param": None}}
+        return error_envelope(code, message, status)
     return {"type": "Error", "code": code, "message": message}
 
 
