@@ -5,23 +5,17 @@ A single batcher task forms batches and runs them, one at a time, through
 ``Backend.transcribe_batch`` in a dedicated worker thread, so the event loop
 never blocks on the model.
 
-Policy, in order of importance:
-
-- Finals before interims. A batch holds jobs of one kind only (finals use the
-  beam-search options, interims the greedy ones); within a kind the oldest go
-  first. Under load interims wait (and thin out), finals keep their latency.
-- Finals are never dropped or replaced. An interim still queued when a newer
-  interim with the same key arrives is superseded: its future resolves to
-  None at once and the newer job takes over its place in the queue (so a
-  stream that keeps refreshing its interim is not pushed to the back).
-- Once a kind has a job queued, the batcher waits at most ``max_wait_ms``
-  (counted from when the oldest job of that kind was queued, not from when
-  the batcher looked) for the batch to fill to ``max_batch``. A final that
-  arrives while the batcher waits for interims takes over at once.
-- The backend's measured cost (exponentially weighted, per kind) gives
-  :meth:`Scheduler.estimated_wait`, :meth:`Scheduler.is_overloaded` and
-  :meth:`Scheduler.should_submit_interim`, which the server uses to refuse
-  new streams and to thin interims before finals suffer.
+The batching policy is the pure :class:`DecodeQueue` of service/engine/queue.py,
+where each rule is written down once: finals before interims (finals use the
+beam-search options, interims the greedy ones), oldest first, at most
+``max_batch`` jobs with equal options, a newer interim superseding a queued
+one of the same key, ``max_wait_ms`` for a batch to fill, and the estimates
+behind :meth:`Scheduler.estimated_wait`, :meth:`Scheduler.is_overloaded` and
+:meth:`Scheduler.should_submit_interim`, which the server uses to refuse new
+streams and to thin interims before finals suffer. This module runs that
+policy: it reads the clock, holds the futures (a superseded interim's future
+resolves to None at once, a final that arrives while the batcher waits for
+interims wakes it), and runs the batches in a worker thread.
 
 A second backend, the ``fallback`` (a remote one; see models/remote.py), is
 optional and only used when configured. Reasons, each enabled separately by
@@ -50,15 +44,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
-from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from enum import Enum
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from earshot.core.decoding import (
     MAX_WINDOW_SECONDS,
@@ -67,9 +58,12 @@ from earshot.core.decoding import (
     Fallback,
     Hypothesis,
     Window,
-    default_max_batch,
 )
 from earshot.core.errors import ConfigError, InvalidRequestError, SchedulerStoppedError
+from earshot.service.engine.queue import DecodeQueue, InFlight, QueuedJob
+from earshot.service.engine.queue import JobKind as JobKind
+from earshot.service.engine.queue import QueueDepth as QueueDepth
+from earshot.service.engine.queue import SchedulerSettings as SchedulerSettings
 from earshot.service.sovereignty import egress_reason
 
 log = logging.getLogger("earshot.scheduler")
@@ -83,13 +77,6 @@ _WINDOW_TOLERANCE_S = 0.05
 
 FALLBACK_REASONS = ("overload", "failure")
 """Why work may go to the fallback backend (``Scheduler(fallback_on=...)``)."""
-
-
-class JobKind(str, Enum):
-    """What a decode is for. The value is a stable label for logs and metrics."""
-
-    FINAL = "final"
-    INTERIM = "interim"
 
 
 @dataclass(frozen=True, eq=False)
@@ -112,79 +99,6 @@ class DecodeJob:
     tag: object = None
     submitted_at: float | None = None
     options: DecodeOptions | None = None
-
-
-@dataclass(frozen=True)
-class SchedulerSettings:
-    """Limits of the decode queue. Every value is checked; ConfigError names the bad one.
-
-    - ``max_batch``: most jobs in one backend call.
-    - ``max_wait_ms``: once a kind has a queued job, how long (from when that
-      job was queued) the batcher waits for its batch to fill; 0 = never wait.
-    - ``max_queue``: high watermark on queued jobs (both kinds); past it
-      :meth:`Scheduler.is_overloaded` is True. It is not a hard limit: submit
-      never refuses a job for being over it, the server refuses new streams.
-    - ``interim_max_wait_s``: :meth:`Scheduler.should_submit_interim` says no
-      when a new interim would be expected to take longer than this.
-    - ``overload_final_wait_s``: :meth:`Scheduler.is_overloaded` is True when
-      a new final would be expected to take longer than this.
-    - ``ewma_alpha``: weight of the newest batch in the moving averages.
-    - ``interim_probe_s``: after this long without a decoded interim, one is
-      let through whatever the estimate says, so that the estimate recovers.
-    - ``prior_window_s``: seconds per window assumed before any batch of that
-      kind has been measured.
-    """
-
-    max_batch: int = 4
-    max_wait_ms: float = 10.0
-    max_queue: int = 256
-    interim_max_wait_s: float = 2.0
-    overload_final_wait_s: float = 10.0
-    ewma_alpha: float = 0.2
-    interim_probe_s: float = 5.0
-    prior_window_s: float = 0.5
-
-    def __post_init__(self) -> None:
-        def bad(name: str, value: object, rule: str) -> ConfigError:
-            return ConfigError(
-                f"scheduler setting {name} must be {rule}, not {value!r}", field=name
-            )
-
-        if self.max_batch < 1:
-            raise bad("max_batch", self.max_batch, ">= 1")
-        if not 0.0 <= self.max_wait_ms <= 10_000.0:
-            raise bad("max_wait_ms", self.max_wait_ms, "between 0 and 10000")
-        if self.max_queue < 1:
-            raise bad("max_queue", self.max_queue, ">= 1")
-        if not self.interim_max_wait_s > 0.0:
-            raise bad("interim_max_wait_s", self.interim_max_wait_s, "> 0")
-        if not self.overload_final_wait_s > 0.0:
-            raise bad("overload_final_wait_s", self.overload_final_wait_s, "> 0")
-        if not 0.0 < self.ewma_alpha <= 1.0:
-            raise bad("ewma_alpha", self.ewma_alpha, "in (0, 1]")
-        if not self.prior_window_s >= 0.0 or math.isinf(self.prior_window_s):
-            raise bad("prior_window_s", self.prior_window_s, "finite and >= 0")
-
-    @classmethod
-    def for_device(cls, device: str, **overrides: Any) -> SchedulerSettings:
-        """Defaults suited to ``device`` (see :func:`default_max_batch`).
-
-        On the CPU, waiting for a batch to fill buys nothing (batching does not
-        raise throughput there), so ``max_wait_ms`` is 0; on a GPU it is 10 ms.
-        ``overrides`` replace any field by name.
-        """
-        base = cls(
-            max_batch=default_max_batch(device, live=True),
-            max_wait_ms=0.0 if device == "cpu" else 10.0,
-        )
-        return replace(base, **overrides)
-
-
-class QueueDepth(NamedTuple):
-    """Jobs waiting in the queue (not counting the batch in flight)."""
-
-    finals: int
-    interims: int
 
 
 @dataclass(frozen=True)
@@ -246,18 +160,19 @@ class SchedulerStats:
     fallback_failed: dict[str, int] = field(default_factory=dict)
 
 
-class _Entry:
-    """A queued job. ``queued_at`` is when its place in the queue was taken:
-    a superseding interim inherits it from the job it replaces."""
+class _Ticket(NamedTuple):
+    """What the scheduler attaches to a queued job: the job and its future."""
 
-    __slots__ = ("future", "job", "queued_at")
+    job: DecodeJob
+    future: asyncio.Future[Hypothesis | None]
 
-    def __init__(
-        self, job: DecodeJob, future: asyncio.Future[Hypothesis | None], queued_at: float
-    ) -> None:
-        self.job = job
-        self.future = future
-        self.queued_at = queued_at
+
+_Entry = QueuedJob[_Ticket]
+
+
+def _live(ticket: _Ticket) -> bool:
+    """A queued job is withdrawn once its future is done (the submitter cancelled it)."""
+    return not ticket.future.done()
 
 
 def _per_kind(value: int = 0) -> dict[JobKind, int]:
@@ -324,12 +239,8 @@ class Scheduler:
         self.on_batch = on_batch
         self._options = {JobKind.FINAL: final_options, JobKind.INTERIM: interim_options}
 
-        self._finals: deque[_Entry] = deque()
-        # Insertion-ordered: the first entry is the oldest place in the queue.
-        self._interims: dict[Hashable, _Entry] = {}
-        self._in_flight: tuple[_Entry, ...] = ()
-        self._in_flight_kind = JobKind.FINAL
-        self._in_flight_started = 0.0
+        self._queue: DecodeQueue[_Ticket] = DecodeQueue(settings, now=time.monotonic())
+        self._in_flight: InFlight | None = None
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -352,9 +263,6 @@ class Scheduler:
         self._cancelled = 0
         self._aborted = 0
         self._busy_seconds = 0.0
-        self._ewma_batch: dict[JobKind, float | None] = dict.fromkeys(JobKind)
-        self._ewma_window: dict[JobKind, float | None] = dict.fromkeys(JobKind)
-        self._last_done: dict[JobKind, float] = dict.fromkeys(JobKind, time.monotonic())
         self._fallback_completed: dict[str, int] = dict.fromkeys(FALLBACK_REASONS, 0)
         self._fallback_failed: dict[str, int] = dict.fromkeys(FALLBACK_REASONS, 0)
 
@@ -477,16 +385,11 @@ class Scheduler:
         job = replace(job, submitted_at=now)
         future: asyncio.Future[Hypothesis | None] = self._loop.create_future()
         self._submitted[job.kind] += 1
-        if job.kind is JobKind.FINAL:
-            self._finals.append(_Entry(job, future, now))
-        else:
-            old = self._interims.get(job.key)
-            queued_at = now
-            if old is not None:
-                queued_at = old.queued_at
-                self._supersede(old)
-            # Assigning to an existing key keeps its place in insertion order.
-            self._interims[job.key] = _Entry(job, future, queued_at)
+        superseded = self._queue.push(
+            job.key, job.kind, self.options_for(job), _Ticket(job, future), now=now
+        )
+        if superseded is not None:
+            self._supersede(superseded)
         self._wake_all()
         return future
 
@@ -503,29 +406,30 @@ class Scheduler:
         interim moot) or the stream has gone. Returns whether one was queued.
         An interim already in flight is not affected.
         """
-        entry = self._interims.pop(key, None)
+        entry = self._queue.drop_interim(key)
         if entry is None:
             return False
         self._supersede(entry)
         return True
 
     def _supersede(self, entry: _Entry) -> None:
-        if entry.future.done():
+        future = entry.payload.future
+        if future.done():
             self._cancelled += 1
         else:
-            entry.future.set_result(None)
+            future.set_result(None)
             self._superseded += 1
 
     # -- observing ---------------------------------------------------------
     @property
     def queue_depth(self) -> QueueDepth:
         """Jobs queued and not yet in a batch (futures the caller cancelled included)."""
-        return QueueDepth(len(self._finals), len(self._interims))
+        return self._queue.depth
 
     @property
     def in_flight(self) -> int:
         """Jobs in the batch the backend is decoding now (0 when idle)."""
-        return len(self._in_flight)
+        return 0 if self._in_flight is None else self._in_flight.size
 
     def stats(self) -> SchedulerStats:
         """A snapshot of the counters; see :class:`SchedulerStats`."""
@@ -539,8 +443,8 @@ class Scheduler:
             cancelled=self._cancelled,
             aborted=self._aborted,
             busy_seconds=self._busy_seconds,
-            ewma_batch_seconds=dict(self._ewma_batch),
-            ewma_window_seconds=dict(self._ewma_window),
+            ewma_batch_seconds=self._queue.ewma_batch_seconds,
+            ewma_window_seconds=self._queue.ewma_window_seconds,
             fallback_completed=dict(self._fallback_completed),
             fallback_failed=dict(self._fallback_failed),
         )
@@ -548,8 +452,7 @@ class Scheduler:
     def seconds_per_window(self, kind: JobKind) -> float:
         """The moving average of backend seconds per window of ``kind``
         (``prior_window_s`` until a batch of that kind has been measured)."""
-        measured = self._ewma_window[kind]
-        return self.settings.prior_window_s if measured is None else measured
+        return self._queue.seconds_per_window(kind)
 
     def estimated_wait(self, kind: JobKind) -> float:
         """Seconds until a job of ``kind`` submitted now would be decoded.
@@ -557,43 +460,28 @@ class Scheduler:
         The rest of the batch in flight, plus every queued job served before it
         (all queued finals; for an interim, all queued interims too) and
         itself, each at the moving average of seconds per window of its kind,
-        plus ``max_wait_ms``. Per-window cost times job count is what batches
-        cost on the CPU, and what full batches cost on a GPU, which is when
-        the estimate matters. It does not foresee finals submitted later, which
-        go before a waiting interim.
+        plus ``max_wait_ms`` (:meth:`DecodeQueue.estimated_wait`). Per-window
+        cost times job count is what batches cost on the CPU, and what full
+        batches cost on a GPU, which is when the estimate matters. It does not
+        foresee finals submitted later, which go before a waiting interim.
         """
-        wait = self.settings.max_wait_ms / 1000.0
-        if self._in_flight:
-            expected = self.seconds_per_window(self._in_flight_kind) * len(self._in_flight)
-            wait += max(0.0, expected - (time.monotonic() - self._in_flight_started))
-        finals, interims = self.queue_depth
-        if kind is JobKind.FINAL:
-            return wait + self.seconds_per_window(JobKind.FINAL) * (finals + 1)
-        return (
-            wait
-            + self.seconds_per_window(JobKind.FINAL) * finals
-            + self.seconds_per_window(JobKind.INTERIM) * (interims + 1)
-        )
+        return self._queue.estimated_wait(kind, now=time.monotonic(), in_flight=self._in_flight)
 
     def should_submit_interim(self, key: Hashable) -> bool:
         """Whether a stream should submit an interim for ``key`` now.
 
         True when ``key`` already has an interim queued (the new one just
         replaces it and adds no work); otherwise True only while the estimated
-        interim wait is within ``interim_max_wait_s``. False when not running.
+        interim wait is within ``interim_max_wait_s``, or as a probe after
+        ``interim_probe_s`` without a decoded interim
+        (:meth:`DecodeQueue.should_submit_interim`). False when not running.
         A stream told no should simply try again at its next interim step.
         """
         if not self.running:
             return False
-        if key in self._interims:
-            return True
-        if self.estimated_wait(JobKind.INTERIM) <= self.settings.interim_max_wait_s:
-            return True
-        # The estimate only learns from interims that run: one slow batch (a
-        # cold start, a burst) must not shut interims out for good. With none
-        # queued and none decoded for a while, let one through as a probe.
-        idle = time.monotonic() - self._last_done[JobKind.INTERIM]
-        return not self._interims and idle > self.settings.interim_probe_s
+        return self._queue.should_submit_interim(
+            key, now=time.monotonic(), in_flight=self._in_flight
+        )
 
     def is_overloaded(self) -> bool:
         """True when the server should refuse new streams (HTTP 503).
@@ -606,19 +494,7 @@ class Scheduler:
     def overload_reason(self) -> str | None:
         """Why the server is overloaded now, naming the limit and the numbers
         (for refusals), or None when it is not."""
-        finals, interims = self.queue_depth
-        if finals + interims >= self.settings.max_queue:
-            return (
-                f"the decode queue holds {finals + interims} jobs, its limit is "
-                f"{self.settings.max_queue} (max_queue)"
-            )
-        wait = self.estimated_wait(JobKind.FINAL)
-        if wait > self.settings.overload_final_wait_s:
-            return (
-                f"a new final would wait about {wait:.1f} s for the decoder, more than "
-                f"{self.settings.overload_final_wait_s:g} s (overload_final_wait_s)"
-            )
-        return None
+        return self._queue.overload_reason(now=time.monotonic(), in_flight=self._in_flight)
 
     def fallback_available(self, reason: str) -> bool:
         """Whether work may go to the fallback for ``reason`` now: one is
@@ -660,12 +536,13 @@ class Scheduler:
             while True:
                 if self._stopping and not self._draining:
                     return
-                if self._finals and self.is_overloaded() and self.fallback_available("overload"):
+                finals = self._queue.depth.finals
+                if finals and self.is_overloaded() and self.fallback_available("overload"):
                     batch = self._take(JobKind.FINAL)
                     if batch:
                         await self._decode(JobKind.FINAL, batch, fallback_reason="overload")
                     continue
-                if self._stopping and not self._finals:
+                if self._stopping and not finals:
                     return
                 self._fallback_wake.clear()
                 await self._fallback_wake.wait()
@@ -677,72 +554,36 @@ class Scheduler:
     async def _next_kind(self) -> JobKind | None:
         """Wait until a batch should be formed; its kind, or None to end."""
         assert self._wake is not None
-        max_wait_s = self.settings.max_wait_ms / 1000.0
         while True:
             if self._stopping and not self._draining:
                 return None
-            if self._finals:
-                kind, count, oldest = JobKind.FINAL, len(self._finals), self._finals[0].queued_at
-            elif self._interims:
-                first = next(iter(self._interims.values()))
-                kind, count, oldest = JobKind.INTERIM, len(self._interims), first.queued_at
-            else:
+            now = time.monotonic()
+            # Draining: take what is queued without waiting for batches to fill.
+            choice = self._queue.next_batch(now, flush=self._stopping)
+            if choice is None:
                 if self._stopping:
                     return None
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if self._stopping or count >= self.settings.max_batch:
-                return kind
-            remaining = oldest + max_wait_s - time.monotonic()
-            if remaining <= 0.0:
-                return kind
+            if choice.due(now):
+                return choice.kind
             # Any submit wakes us: the batch may be full, or a final may have
             # arrived while we waited for interims.
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), remaining)
+                await asyncio.wait_for(self._wake.wait(), choice.take_at - now)
 
     def options_for(self, job: DecodeJob) -> DecodeOptions:
         """The options ``job`` is decoded with: its own, or those of its kind."""
         return job.options if job.options is not None else self._options[job.kind]
 
     def _take(self, kind: JobKind) -> list[_Entry]:
-        """Pop up to max_batch live jobs of ``kind``, oldest first, that share
-        the oldest job's options; jobs with other options keep their places."""
-        batch: list[_Entry] = []
-        options: DecodeOptions | None = None
-        if kind is JobKind.FINAL:
-            skipped: list[_Entry] = []
-            while self._finals and len(batch) < self.settings.max_batch:
-                entry = self._finals.popleft()
-                if entry.future.done():  # the submitter cancelled it
-                    self._cancelled += 1
-                    continue
-                wanted = self.options_for(entry.job)
-                if options is None:
-                    options = wanted
-                if wanted != options:
-                    skipped.append(entry)
-                    continue
-                batch.append(entry)
-            self._finals.extendleft(reversed(skipped))
-            return batch
-        for key in list(self._interims):
-            if len(batch) >= self.settings.max_batch:
-                break
-            entry = self._interims[key]
-            if entry.future.done():
-                del self._interims[key]
-                self._cancelled += 1
-                continue
-            wanted = self.options_for(entry.job)
-            if options is None:
-                options = wanted
-            if wanted == options:
-                del self._interims[key]
-                batch.append(entry)
-        return batch
+        """Take the next batch of ``kind`` from the queue (:meth:`DecodeQueue.take`),
+        counting the withdrawn jobs it skipped."""
+        batch = self._queue.take(kind, _live)
+        self._cancelled += len(batch.dropped)
+        return batch.jobs
 
     async def _decode(
         self,
@@ -759,15 +600,16 @@ class Scheduler:
         backend = self.fallback if remote else self.backend
         executor = self._fallback_executor if remote else self._executor
         assert backend is not None and executor is not None
-        windows = [entry.job.window for entry in batch]
-        options = self.options_for(batch[0].job)
+        windows = [entry.payload.job.window for entry in batch]
+        options = batch[0].options
         started = time.monotonic()
-        queue_seconds = tuple(started - (entry.job.submitted_at or started) for entry in batch)
+        queue_seconds = tuple(
+            started - (entry.payload.job.submitted_at or started) for entry in batch
+        )
         if remote:
             self._fallback_in_flight += len(batch)
         else:
-            self._in_flight = tuple(batch)
-            self._in_flight_kind, self._in_flight_started = kind, started
+            self._in_flight = InFlight(kind, len(batch), started)
         error: BaseException | None = None
         hyps: list[Hypothesis] = []
         try:
@@ -787,15 +629,16 @@ class Scheduler:
             # Cancelled by stop(timeout=...), or the worker raised SystemExit and
             # the like: nobody may be left waiting.
             stopped = SchedulerStoppedError("the decode scheduler stopped during this batch")
+            failure = stopped if isinstance(exc, asyncio.CancelledError) else exc
             for entry in batch:
-                if _fail(entry.future, stopped if isinstance(exc, asyncio.CancelledError) else exc):
+                if _fail(entry.payload.future, failure):
                     self._aborted += 1
             raise
         finally:
             if remote:
                 self._fallback_in_flight -= len(batch)
             else:
-                self._in_flight = ()
+                self._in_flight = None
             self._wake_all()
 
         retry = (
@@ -827,14 +670,14 @@ class Scheduler:
             self._busy_seconds += seconds
             if error is None:
                 self._completed[kind] += len(batch)
-                self._observe(kind, len(batch), seconds)
+                self._queue.observe(kind, len(batch), seconds, now=time.monotonic())
             else:
                 self._failed[kind] += len(batch)
                 self._failed_batches[kind] += 1
         if error is None:
             for entry, hyp in zip(batch, hyps, strict=True):
-                if not entry.future.done():
-                    entry.future.set_result(hyp)
+                if not entry.payload.future.done():
+                    entry.payload.future.set_result(hyp)
         else:
             log.warning(
                 "%s batch of %d failed in backend %r: %s: %s%s",
@@ -848,12 +691,11 @@ class Scheduler:
             if fallback_reason == "overload" and not self._stopped:
                 # Overflow the remote could not take goes back to the front of
                 # the local queue: late, but not lost.
-                live = [entry for entry in batch if not entry.future.done()]
-                self._finals.extendleft(reversed(live))
+                self._queue.put_back(entry for entry in batch if _live(entry.payload))
                 self._wake_all()
             elif not retry:
                 for entry in batch:
-                    _fail(entry.future, local_error or error)
+                    _fail(entry.payload.future, local_error or error)
         if self.on_batch is not None:
             report = BatchReport(
                 kind=kind,
@@ -870,27 +712,17 @@ class Scheduler:
             except Exception:
                 log.exception("scheduler on_batch hook failed")
         if retry:
-            live = [entry for entry in batch if not entry.future.done()]
+            live = [entry for entry in batch if _live(entry.payload)]
             if live:
                 await self._decode(kind, live, fallback_reason="failure", local_error=error)
 
-    def _observe(self, kind: JobKind, size: int, seconds: float) -> None:
-        self._last_done[kind] = time.monotonic()
-        alpha = self.settings.ewma_alpha
-        for table, value in ((self._ewma_batch, seconds), (self._ewma_window, seconds / size)):
-            previous = table[kind]
-            table[kind] = value if previous is None else previous + alpha * (value - previous)
-
     def _abort_queued(self) -> None:
         """Fail every queued job with SchedulerStoppedError."""
-        if not self._finals and not self._interims:
+        if not len(self._queue):
             return
         stopped = SchedulerStoppedError("the decode scheduler stopped before this job was decoded")
-        entries = [*self._finals, *self._interims.values()]
-        self._finals.clear()
-        self._interims.clear()
-        for entry in entries:
-            if _fail(entry.future, stopped):
+        for entry in self._queue.clear():
+            if _fail(entry.payload.future, stopped):
                 self._aborted += 1
             else:
                 self._cancelled += 1
