@@ -65,7 +65,7 @@ FloatArray = npt.NDArray[np.float32]
 SAMPLE_RATE = 16000
 BYTES_PER_SECOND = 2 * SAMPLE_RATE  # linear16 mono
 SERVER_DEFAULT_MAX_STREAMS = 64  # service/config.py; raised only when N is larger
-SPEECH_PAD_S = 0.2  # SessionSettings.speech_pad_ms (service/session.py) as served by default
+SPEECH_PAD_S = 0.2  # SessionSettings.speech_pad_ms (core/session.py) as served by default
 CLOSE_NORMAL = 1000
 OTHER_LOAD_NOTE = 0.15  # cores used by other processes past which a row is flagged
 

@@ -395,7 +395,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     # SIGTERM and SIGINT: /readyz and new streams answer 503 while every open
     # stream gets its finals and close code 1001, then the listener closes and
-    # the process exits 0, within shutdown_timeout_s (service/serving.py).
+    # the process exits 0, within shutdown_timeout_s (service/http/serving.py).
     asyncio.run(serve(create_app(engine), cfg, drain=engine.shut_down))
     log.info("stopped")
     return EXIT_OK

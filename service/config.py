@@ -110,7 +110,7 @@ class Config:
     log_transcripts: bool = _f(
         False, "put transcript text in the logs (off: logs never hold what was said)"
     )
-    # Authentication (service/auth.py, docs/auth.md). repr=False: never print keys.
+    # Authentication (service/http/auth.py, docs/auth.md). repr=False: never print keys.
     api_keys: str = field(
         default="",
         repr=False,

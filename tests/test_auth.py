@@ -1,4 +1,4 @@
-"""API-key authentication and origin checks (service/auth.py), against a real
+"""API-key authentication and origin checks (service/http/auth.py), against a real
 server on 127.0.0.1."""
 
 from __future__ import annotations

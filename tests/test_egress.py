@@ -1,4 +1,4 @@
-"""On-prem-only egress control (service/egress.py): the allowed list, the
+"""On-prem-only egress control (service/sovereignty.py): the allowed list, the
 start-up destination check, and the process-wide audit hook with its log.
 
 Audit hooks are permanent, so every test here leaves no guard current (the

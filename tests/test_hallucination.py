@@ -6,7 +6,7 @@ The signals are made here with numpy (16 kHz, 60 s each, fixed seeds) and
 written to 16-bit WAV files. Whisper alone invents text for all of them
 ("you", "Thank you very much.", "I'm sorry, I'm sorry, ..."); what keeps it
 out is voice activity (no decode without voice, DESIGN.md "Streaming
-policy") and then the guards of service/guards.py. So besides the empty
+policy") and then the guards of core/guards.py. So besides the empty
 transcripts the tests check that the server's one decode queue ran no job at
 all for these signals, and the CLI decoded no window, and, so that "no
 text" means something, that the same paths do transcribe real speech

@@ -1,7 +1,7 @@
 """docs/protocol.md against the code, so that the protocol document cannot drift silently.
 
 Every ```json block must parse and be marked with who sends it; the message
-examples must have the shape the serialisers in service/protocol.py produce;
+examples must have the shape the serialisers in core/protocol.py produce;
 and the tables of query parameters, error codes, warning codes and close
 codes must list exactly what service/ defines, with the same numbers.
 """

@@ -28,10 +28,10 @@ from earshot.core.errors import (
     RemoteUnavailableError,
 )
 from earshot.core.languages import LANGUAGE_NAMES, language_code, language_name
+from earshot.core.openai_wire import hypothesis_from_verbose
 from earshot.models.remote import (
     RemoteBackend,
     RemoteSettings,
-    hypothesis_from_verbose,
     parse_remote,
     redact_url,
     remote_prompt,

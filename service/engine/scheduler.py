@@ -52,12 +52,12 @@ from types import TracebackType
 from typing import NamedTuple
 
 from earshot.core.decoding import (
-    MAX_WINDOW_SECONDS,
     Backend,
     DecodeOptions,
     Fallback,
     Hypothesis,
     Window,
+    check_window,
 )
 from earshot.core.errors import ConfigError, InvalidRequestError, SchedulerStoppedError
 from earshot.service.engine.queue import DecodeQueue, InFlight, QueuedJob
@@ -70,9 +70,6 @@ log = logging.getLogger("earshot.scheduler")
 
 THREAD_NAME_PREFIX = "earshot-decode"
 """Name prefix of the scheduler's worker thread (one per running scheduler)."""
-
-# A window may be a few ms over 30 s after resampling; the runner accepts that too.
-_WINDOW_TOLERANCE_S = 0.05
 
 
 FALLBACK_REASONS = ("overload", "failure")
@@ -379,7 +376,7 @@ class Scheduler:
             raise RuntimeError("Scheduler.submit must be called on the loop that started it")
         if not isinstance(job.kind, JobKind):
             raise TypeError(f"job.kind must be a JobKind, not {job.kind!r}")
-        _check_window(job.window)
+        check_window(job.window)
 
         now = time.monotonic()
         job = replace(job, submitted_at=now)
@@ -726,18 +723,3 @@ class Scheduler:
                 self._aborted += 1
             else:
                 self._cancelled += 1
-
-
-def _check_window(window: Window) -> None:
-    audio = window.audio
-    if audio.ndim != 1 or len(audio) == 0:
-        raise InvalidRequestError(
-            f"a decode window must be non-empty mono audio, not shape {audio.shape}",
-            field="audio",
-        )
-    if window.duration > MAX_WINDOW_SECONDS + _WINDOW_TOLERANCE_S:
-        raise InvalidRequestError(
-            f"a decode window is {window.duration:.2f} s long; the maximum is "
-            f"{MAX_WINDOW_SECONDS:.0f} s",
-            field="audio",
-        )

@@ -2,7 +2,7 @@
 
 In order, each a refusal with a message naming the setting at fault:
 
-1. the bind policy (service/auth.py): no keys, no listening beyond loopback;
+1. the bind policy (service/http/auth.py): no keys, no listening beyond loopback;
 2. the sovereignty policy: in on-prem-only mode no hub downloads
    (``allow_download``) and no remote backend outside ``allowed_networks``
    (``remote_url``);
