@@ -52,10 +52,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from earshot.clients.audio import encode_audio  # noqa: E402
 from earshot.clients.stream import (  # noqa: E402
     StreamConnectError,
     StreamRefusedError,
-    encode_audio,
     transcribe_stream,
 )
 

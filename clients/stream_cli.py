@@ -23,17 +23,15 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any, TextIO
 
+from earshot.clients.audio import BYTES_PER_SAMPLE, ENCODINGS, read_audio_file
 from earshot.clients.stream import (
-    BYTES_PER_SAMPLE,
     CLOSE_NORMAL,
     DEFAULT_URL,
-    ENCODINGS,
     AudioSource,
     StreamConnectError,
     StreamRefusedError,
     StreamTranscript,
     channel_of,
-    read_audio_file,
     transcribe_stream,
     transcript_of,
 )

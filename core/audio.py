@@ -88,6 +88,7 @@ __all__ = [
     "ALAW_TABLE",
     "DEFAULT_BUFFER_SECONDS",
     "ENCODINGS",
+    "ENCODING_ALIASES",
     "MAX_CHANNELS",
     "MAX_SAMPLE_RATE",
     "MIN_SAMPLE_RATE",
@@ -98,6 +99,7 @@ __all__ = [
     "RingBuffer",
     "StreamAudio",
     "StreamResampler",
+    "canonical_encoding",
 ]
 
 FloatArray = npt.NDArray[np.float32]
@@ -120,7 +122,15 @@ ENCODINGS: Final[dict[str, int]] = {
     "mulaw": 1,
     "alaw": 1,
 }
-_ALIASES: Final[dict[str, str]] = {"float": "linear32", "float32": "linear32"}
+ENCODING_ALIASES: Final[dict[str, str]] = {"float": "linear32", "float32": "linear32"}
+
+
+def canonical_encoding(name: str) -> str | None:
+    """The key of :data:`ENCODINGS` that ``name`` means (any case, aliases
+    allowed), or None for an encoding Earshot does not read."""
+    key = name.strip().lower()
+    key = ENCODING_ALIASES.get(key, key)
+    return key if key in ENCODINGS else None
 
 
 # ---------------------------------------------------------------------------
@@ -192,7 +202,7 @@ class AudioFormat:
         what is allowed (also in ``details``: ``field``, ``value``, ``allowed``
         or ``min``/``max``).
         """
-        allowed = sorted([*ENCODINGS, *_ALIASES])
+        allowed = sorted([*ENCODINGS, *ENCODING_ALIASES])
         if encoding is None:
             raise UnsupportedEncodingError(
                 "encoding is required for raw audio; allowed: " + ", ".join(allowed),
@@ -200,9 +210,8 @@ class AudioFormat:
                 value=None,
                 allowed=allowed,
             )
-        key = encoding.strip().lower() if isinstance(encoding, str) else None
-        canonical = _ALIASES.get(key, key) if key is not None else None
-        if canonical not in ENCODINGS:
+        canonical = canonical_encoding(encoding) if isinstance(encoding, str) else None
+        if canonical is None:
             raise UnsupportedEncodingError(
                 f"encoding={_jsonable(encoding)!r} is not supported; allowed: "
                 + ", ".join(allowed),

@@ -29,14 +29,13 @@ import pytest
 import soundfile as sf
 from aiohttp import WSMsgType, web
 
+from earshot.clients.audio import BYTES_PER_SAMPLE, encode_audio
 from earshot.clients.stream import (
-    BYTES_PER_SAMPLE,
     StreamClient,
     StreamClosedError,
     StreamConnectError,
     StreamRefusedError,
     channel_of,
-    encode_audio,
     is_final,
     stream_file,
     transcribe_stream,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from aiohttp import ClientSession, WSServerHandshakeError
 
-from earshot.clients.stream import encode_audio
+from earshot.clients.audio import encode_audio
 from earshot.models.runner import WhisperRunner
 from earshot.models.silero import shared_model
 from earshot.service.config import load_config

@@ -19,7 +19,8 @@ import pytest
 import soundfile as sf
 from aiohttp import ClientSession
 
-from earshot.clients.stream import StreamClient, encode_audio
+from earshot.clients.audio import encode_audio
+from earshot.clients.stream import StreamClient
 from earshot.core.decoding import SAMPLE_RATE
 from tests.kit.live import final_texts, raw_stream, running_server, tone_engine
 from tests.kit.tones import make_speech

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from earshot.clients.stream import encode_audio
+from earshot.clients.audio import encode_audio
 from earshot.service.logs import JsonFormatter, TextFormatter, configure_logging
 from tests.kit.live import final_texts, raw_stream, running_server, tone_engine
 from tests.kit.tones import make_speech

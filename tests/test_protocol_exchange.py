@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from earshot.clients.stream import encode_audio
+from earshot.clients.audio import encode_audio
 from tests.kit.live import tone_engine
 from tests.kit.tones import make_speech
 from tests.test_stream_e2e import listen_url, run

@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from earshot.clients.stream import encode_audio
+from earshot.clients.audio import encode_audio
 from earshot.core.decoding import DecodeOptions
 from earshot.core.errors import LaggingError
 from earshot.core.protocol import TranscriptEvent, WarningEvent, parse_params

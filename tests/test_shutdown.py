@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from earshot.clients.stream import StreamClient, StreamRefusedError, encode_audio
+from earshot.clients.audio import encode_audio
+from earshot.clients.stream import StreamClient, StreamRefusedError
 from earshot.service.engine.audiofile import load_audio
 from tests.kit.paths import audio_dir
 

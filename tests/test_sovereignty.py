@@ -25,7 +25,8 @@ import soundfile as sf
 from aiohttp import ClientSession, FormData
 from prometheus_client.parser import text_string_to_metric_families
 
-from earshot.clients.stream import encode_audio, transcribe_stream
+from earshot.clients.audio import encode_audio
+from earshot.clients.stream import transcribe_stream
 from earshot.core.errors import ConfigError, ModelIntegrityError
 from earshot.models.remote import RemoteBackend
 from earshot.models.store import ModelStore

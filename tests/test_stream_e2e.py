@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from aiohttp import ClientSession, WSServerHandshakeError
 
-from earshot.clients.stream import StreamClient, StreamRefusedError, encode_audio, transcribe_stream
+from earshot.clients.audio import encode_audio
+from earshot.clients.stream import StreamClient, StreamRefusedError, transcribe_stream
 from earshot.models.silero import shared_model
 from earshot.service.config import load_config
 from earshot.service.engine.engine import Engine

@@ -51,7 +51,7 @@ import numpy as np
 import soundfile as sf
 from hypothesis import strategies as st
 
-from earshot.clients.stream import encode_audio
+from earshot.clients.audio import encode_audio
 from earshot.core.audio import ENCODINGS, MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
 from earshot.core.errors import EarshotError
 from earshot.core.protocol import (
