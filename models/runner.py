@@ -115,13 +115,22 @@ def usable_cpus() -> int:
 
 @dataclass(frozen=True)
 class RunnerSettings:
-    """How to load the model. ``cpu_threads`` 0 means one per usable CPU
-    (CTranslate2's own default, 4, oversubscribes a 2-core machine)."""
+    """How to load the model.
+
+    ``workers`` is how many batches may decode at once (CTranslate2 replicas
+    of the model, one thread of the caller's each). ``cpu_threads`` is the
+    threads of each worker; 0 shares the usable CPUs among the workers
+    (CTranslate2's own default, 4 each, oversubscribes a 2-core machine).
+    """
 
     device: str = "auto"
     compute_type: str = "auto"
     cpu_threads: int = 0
     device_index: int = 0
+    workers: int = 1
+
+    def threads_per_worker(self) -> int:
+        return self.cpu_threads or max(1, usable_cpus() // max(1, self.workers))
 
 
 @dataclass
@@ -163,15 +172,17 @@ class WhisperRunner:
             device=self.device,
             device_index=self.settings.device_index,
             compute_type=self.compute_type,
-            cpu_threads=self.settings.cpu_threads or usable_cpus(),
-            num_workers=1,
+            cpu_threads=self.settings.threads_per_worker(),
+            num_workers=max(1, self.settings.workers),
         )
         prov = provenance or folder_provenance(
             self.path, name=name, cache=checksum_cache or ChecksumCache()
         )
         self._provenance = replace(prov, compute_type=self.compute_type, device=self.device)
         self._name = name or self._provenance.name
-        self._lock = threading.Lock()
+        # At most `workers` batches decode at once, each in its caller's thread.
+        self._slots = threading.BoundedSemaphore(max(1, self.settings.workers))
+        self._count_lock = threading.Lock()
         self._multilingual = bool(self._model.model.is_multilingual)
         self.capabilities = Capabilities(
             device=self.device,
@@ -203,8 +214,9 @@ class WhisperRunner:
         if not windows:
             return []
         self._validate(windows, options)
-        with self._lock:
-            self.calls += 1
+        with self._slots:
+            with self._count_lock:
+                self.calls += 1
             return self._transcribe_with_continuations(list(windows), options)
 
     # -- internals ---------------------------------------------------------

@@ -366,7 +366,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     runner = WhisperRunner(
         resolved.path,
         RunnerSettings(
-            device=cfg.device, compute_type=cfg.compute_type, cpu_threads=cfg.cpu_threads
+            device=cfg.device,
+            compute_type=cfg.compute_type,
+            cpu_threads=cfg.cpu_threads,
+            workers=cfg.decode_workers,
         ),
         name=resolved.name,
     )

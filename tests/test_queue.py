@@ -491,3 +491,37 @@ def test_overload_reason(
         assert got is None
     else:
         assert got is not None and reason in got
+
+
+@pytest.mark.parametrize(
+    "workers, depth, in_flight, final, interim",
+    [
+        # 0.5 s per final, 0.25 s per interim, max_wait 10 ms; the work ahead is
+        # shared among the workers, the job's own cost is not.
+        pytest.param(1, (2, 0), [], 0.01 + 1.0 + 0.5, 0.01 + 1.0 + 0.25, id="1 worker"),
+        pytest.param(2, (2, 0), [], 0.01 + 0.5 + 0.5, 0.01 + 0.5 + 0.25, id="2 workers share"),
+        pytest.param(
+            2,
+            (0, 2),
+            [InFlight(F, 1, 0.0), InFlight(I, 2, 0.0)],
+            0.01 + (0.5 + 0.5) / 2 + 0.5,
+            0.01 + (0.5 + 0.5 + 0.5) / 2 + 0.25,
+            id="two batches in flight",
+        ),
+        pytest.param(4, (4, 0), [], 0.01 + 0.5 + 0.5, 0.01 + 0.5 + 0.25, id="4 workers, 4 finals"),
+    ],
+)
+def test_estimated_wait_with_workers(
+    workers: int,
+    depth: tuple[int, int],
+    in_flight: list[InFlight],
+    final: float,
+    interim: float,
+) -> None:
+    q = queue(max_wait_ms=10.0, max_batch=64, workers=workers)
+    q.observe(F, 1, 0.5, now=0.0)
+    q.observe(I, 1, 0.25, now=0.0)
+    push_all(q, [Sub(F, f"f{i}") for i in range(depth[0])])
+    push_all(q, [Sub(I, f"i{i}") for i in range(depth[1])])
+    assert q.estimated_wait(F, now=0.0, in_flight=in_flight) == pytest.approx(final)
+    assert q.estimated_wait(I, now=0.0, in_flight=in_flight) == pytest.approx(interim)

@@ -797,3 +797,50 @@ def test_overflow_the_fallback_fails_goes_back_to_the_local_queue() -> None:
     assert remote.calls[0][0] == ["f0"]
     stats = sched.stats()
     assert stats.fallback_failed["overload"] == 1 and stats.completed[FINAL] == 3
+
+
+# -- decode workers -------------------------------------------------------------
+
+
+class _CountingBackend(FakeBackend):
+    """Records the most batches that were inside the backend at once."""
+
+    def __init__(self) -> None:
+        super().__init__(gated=True)
+        self._inside = 0
+        self.most_inside = 0
+        self._count = threading.Lock()
+
+    def transcribe_batch(
+        self, windows: Sequence[Window], options: DecodeOptions
+    ) -> list[Hypothesis]:
+        with self._count:
+            self._inside += 1
+            self.most_inside = max(self.most_inside, self._inside)
+        try:
+            return super().transcribe_batch(windows, options)
+        finally:
+            with self._count:
+                self._inside -= 1
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_workers_decode_that_many_batches_at_once(workers: int) -> None:
+    backend = _CountingBackend()
+
+    async def main() -> list[Hypothesis | None]:
+        async with make(backend, max_batch=1, workers=workers) as sched:
+            futures = [sched.submit(job(JobKind.FINAL, f"f{i}")) for i in range(4)]
+            # Every free worker takes a batch; the rest stay queued behind the gate.
+            await until(lambda: len(backend.calls) == workers)
+            await asyncio.sleep(0.05)
+            assert len(backend.calls) == workers
+            assert sched.in_flight == workers
+            assert sched.queue_depth.finals == 4 - workers
+            backend.release()
+            return list(await asyncio.gather(*futures))
+
+    hyps = run(main())
+    assert [h.text for h in hyps if h is not None] == ["f0", "f1", "f2", "f3"]
+    assert backend.most_inside == workers
+    assert len(backend.threads) == min(workers, 4)

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any, Generic, NamedTuple, TypeVar
@@ -80,6 +80,8 @@ class SchedulerSettings:
       let through whatever the estimate says, so that the estimate recovers.
     - ``prior_window_s``: seconds per window assumed before any batch of that
       kind has been measured.
+    - ``workers``: batches the backend decodes at once (each in its own
+      thread); the estimates share the queued work among them.
     """
 
     max_batch: int = 4
@@ -90,6 +92,7 @@ class SchedulerSettings:
     ewma_alpha: float = 0.2
     interim_probe_s: float = 5.0
     prior_window_s: float = 0.5
+    workers: int = 1
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, rule: str) -> ConfigError:
@@ -103,6 +106,8 @@ class SchedulerSettings:
             raise bad("max_wait_ms", self.max_wait_ms, "between 0 and 10000")
         if self.max_queue < 1:
             raise bad("max_queue", self.max_queue, ">= 1")
+        if not 1 <= self.workers <= 64:
+            raise bad("workers", self.workers, "from 1 to 64")
         if not self.interim_max_wait_s > 0.0:
             raise bad("interim_max_wait_s", self.interim_max_wait_s, "> 0")
         if not self.overload_final_wait_s > 0.0:
@@ -340,31 +345,37 @@ class DecodeQueue(Generic[P]):
         return self.settings.prior_window_s if measured is None else measured
 
     def estimated_wait(
-        self, kind: JobKind, *, now: float, in_flight: InFlight | None = None
+        self, kind: JobKind, *, now: float, in_flight: InFlight | Sequence[InFlight] | None = None
     ) -> float:
         """Seconds until a job of ``kind`` queued at ``now`` would be decoded.
 
-        ``max_wait_ms``, plus the rest of the batch in flight (its expected
-        cost less the time it has run, never below 0), plus every queued job
-        served before it (all queued finals; for an interim, all queued
-        interims too) and itself, each at the seconds per window of its kind.
-        It does not foresee finals queued later, which go before an interim.
+        ``max_wait_ms``, plus the work ahead of it shared among the
+        ``workers``: the rest of each batch in flight (its expected cost less
+        the time it has run, never below 0) and every queued job served before
+        it (all queued finals; for an interim, all queued interims too), each
+        at the seconds per window of its kind; plus its own cost. It does not
+        foresee finals queued later, which go before an interim.
         """
-        wait = self.max_wait_s
-        if in_flight is not None and in_flight.size:
-            expected = self.seconds_per_window(in_flight.kind) * in_flight.size
-            wait += max(0.0, expected - (now - in_flight.started))
-        finals, interims = self.depth
-        if kind is JobKind.FINAL:
-            return wait + self.seconds_per_window(JobKind.FINAL) * (finals + 1)
-        return (
-            wait
-            + self.seconds_per_window(JobKind.FINAL) * finals
-            + self.seconds_per_window(JobKind.INTERIM) * (interims + 1)
+        batches = (
+            ()
+            if in_flight is None
+            else (in_flight,)
+            if isinstance(in_flight, InFlight)
+            else in_flight
         )
+        ahead = 0.0
+        for batch in batches:
+            if batch.size:
+                expected = self.seconds_per_window(batch.kind) * batch.size
+                ahead += max(0.0, expected - (now - batch.started))
+        finals, interims = self.depth
+        ahead += self.seconds_per_window(JobKind.FINAL) * finals
+        if kind is JobKind.INTERIM:
+            ahead += self.seconds_per_window(JobKind.INTERIM) * interims
+        return self.max_wait_s + ahead / self.settings.workers + self.seconds_per_window(kind)
 
     def should_submit_interim(
-        self, key: Hashable, *, now: float, in_flight: InFlight | None = None
+        self, key: Hashable, *, now: float, in_flight: InFlight | Sequence[InFlight] | None = None
     ) -> bool:
         """Whether a new interim for ``key`` is worth queueing at ``now``.
 
@@ -385,7 +396,9 @@ class DecodeQueue(Generic[P]):
         idle = now - self._last_done[JobKind.INTERIM]
         return not self._interims and idle > self.settings.interim_probe_s
 
-    def overload_reason(self, *, now: float, in_flight: InFlight | None = None) -> str | None:
+    def overload_reason(
+        self, *, now: float, in_flight: InFlight | Sequence[InFlight] | None = None
+    ) -> str | None:
         """Why new streams should be refused at ``now``, naming the limit and
         the numbers, or None: the queue holds ``max_queue`` jobs or more, or a
         new final would wait longer than ``overload_final_wait_s``."""

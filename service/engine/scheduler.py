@@ -237,7 +237,8 @@ class Scheduler:
         self._options = {JobKind.FINAL: final_options, JobKind.INTERIM: interim_options}
 
         self._queue: DecodeQueue[_Ticket] = DecodeQueue(settings, now=time.monotonic())
-        self._in_flight: InFlight | None = None
+        self._in_flight: list[InFlight] = []
+        self._decoding: set[asyncio.Task[None]] = set()
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -273,7 +274,9 @@ class Scheduler:
             raise RuntimeError("a Scheduler can be started only once")
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_NAME_PREFIX)
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.settings.workers, thread_name_prefix=THREAD_NAME_PREFIX
+        )
         self._task = self._loop.create_task(self._run(), name="earshot-scheduler")
         if self.fallback is not None:
             self._fallback_wake = asyncio.Event()
@@ -426,7 +429,7 @@ class Scheduler:
     @property
     def in_flight(self) -> int:
         """Jobs in the batch the backend is decoding now (0 when idle)."""
-        return 0 if self._in_flight is None else self._in_flight.size
+        return sum(batch.size for batch in self._in_flight)
 
     def stats(self) -> SchedulerStats:
         """A snapshot of the counters; see :class:`SchedulerStats`."""
@@ -510,13 +513,22 @@ class Scheduler:
     async def _run(self) -> None:
         try:
             while True:
+                await self._free_worker()
                 kind = await self._next_kind()
                 if kind is None:
+                    if self._decoding:
+                        await asyncio.wait(self._decoding)
                     return
                 batch = self._take(kind)
                 if batch:
-                    await self._decode(kind, batch)
+                    task = asyncio.ensure_future(self._decode(kind, batch))
+                    self._decoding.add(task)
+                    task.add_done_callback(self._decoding.discard)
         except asyncio.CancelledError:
+            for task in self._decoding:
+                task.cancel()
+            if self._decoding:
+                await asyncio.wait(self._decoding)
             self._abort_queued()
             raise
         except Exception:
@@ -547,6 +559,11 @@ class Scheduler:
             raise
         except Exception:
             log.exception("fallback batcher failed; the local batcher goes on alone")
+
+    async def _free_worker(self) -> None:
+        """Wait until fewer than ``workers`` local batches are decoding."""
+        while len(self._decoding) >= self.settings.workers:
+            await asyncio.wait(self._decoding, return_when=asyncio.FIRST_COMPLETED)
 
     async def _next_kind(self) -> JobKind | None:
         """Wait until a batch should be formed; its kind, or None to end."""
@@ -606,7 +623,8 @@ class Scheduler:
         if remote:
             self._fallback_in_flight += len(batch)
         else:
-            self._in_flight = InFlight(kind, len(batch), started)
+            flight = InFlight(kind, len(batch), started)
+            self._in_flight.append(flight)
         error: BaseException | None = None
         hyps: list[Hypothesis] = []
         try:
@@ -635,7 +653,7 @@ class Scheduler:
             if remote:
                 self._fallback_in_flight -= len(batch)
             else:
-                self._in_flight = None
+                self._in_flight.remove(flight)
             self._wake_all()
 
         retry = (
