@@ -563,7 +563,8 @@ def segment_speech(
     ``min_silence_ms`` separates spans, each is padded by ``speech_pad_ms``
     without overlapping its neighbours, and speech longer than
     ``max_speech_s`` is cut at its quietest point. Silence or noise gives an
-    empty list. Costs about 0.1 ms of one core per second of audio.
+    empty list. Costs about 2 ms of one core per second of audio (measured on
+    a 2-core machine: 40 minutes in 4.9 s).
 
     Raises ``ValueError`` for audio that is not one-dimensional.
     """
