@@ -376,7 +376,7 @@ def bench_model(
 
     folder = real_model_store().resolve(model).path
     fw = WhisperModel(str(folder), device="cpu", compute_type="int8")
-    runner = WhisperRunner(folder, RunnerSettings(device="cpu"), name=model)
+    runner = WhisperRunner(folder, RunnerSettings(device="cpu", workers=1), name=model)
     realtime_clips = [c for c in clips if c.dataset == "librispeech"][: args.realtime_files]
 
     runs: dict[str, tuple[Run, Sequence[Clip]]] = {}

@@ -58,7 +58,10 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     runner = WhisperRunner(
         path,
         RunnerSettings(
-            device=args.device, compute_type=args.compute_type, cpu_threads=args.cpu_threads
+            device=args.device,
+            compute_type=args.compute_type,
+            cpu_threads=args.cpu_threads,
+            workers=1,
         ),
     )
     windows = speech_windows(args.windows, args.window_s)

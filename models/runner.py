@@ -51,6 +51,7 @@ from earshot.core.decoding import (
     Window,
     WordTiming,
     check_windows,
+    default_decode_workers,
 )
 from earshot.core.errors import ConfigError, InvalidRequestError
 from earshot.models.provenance import ChecksumCache, Provenance, folder_provenance
@@ -118,8 +119,9 @@ class RunnerSettings:
     """How to load the model.
 
     ``workers`` is how many batches may decode at once (CTranslate2 replicas
-    of the model, one thread of the caller's each). ``cpu_threads`` is the
-    threads of each worker; 0 shares the usable CPUs among the workers
+    of the model, one thread of the caller's each); 0 chooses
+    (:func:`earshot.core.decoding.default_decode_workers`). ``cpu_threads`` is
+    the threads of each worker; 0 shares the usable CPUs among the workers
     (CTranslate2's own default, 4 each, oversubscribes a 2-core machine).
     """
 
@@ -127,10 +129,13 @@ class RunnerSettings:
     compute_type: str = "auto"
     cpu_threads: int = 0
     device_index: int = 0
-    workers: int = 1
+    workers: int = 0
 
-    def threads_per_worker(self) -> int:
-        return self.cpu_threads or max(1, usable_cpus() // max(1, self.workers))
+    def resolved_workers(self, device: str) -> int:
+        return self.workers or default_decode_workers(device, usable_cpus())
+
+    def threads_per_worker(self, device: str) -> int:
+        return self.cpu_threads or max(1, usable_cpus() // self.resolved_workers(device))
 
 
 @dataclass
@@ -172,8 +177,8 @@ class WhisperRunner:
             device=self.device,
             device_index=self.settings.device_index,
             compute_type=self.compute_type,
-            cpu_threads=self.settings.threads_per_worker(),
-            num_workers=max(1, self.settings.workers),
+            cpu_threads=self.settings.threads_per_worker(self.device),
+            num_workers=self.settings.resolved_workers(self.device),
         )
         prov = provenance or folder_provenance(
             self.path, name=name, cache=checksum_cache or ChecksumCache()
@@ -181,13 +186,15 @@ class WhisperRunner:
         self._provenance = replace(prov, compute_type=self.compute_type, device=self.device)
         self._name = name or self._provenance.name
         # At most `workers` batches decode at once, each in its caller's thread.
-        self._slots = threading.BoundedSemaphore(max(1, self.settings.workers))
+        self.workers = self.settings.resolved_workers(self.device)
+        self._slots = threading.BoundedSemaphore(self.workers)
         self._count_lock = threading.Lock()
         self._multilingual = bool(self._model.model.is_multilingual)
         self.capabilities = Capabilities(
             device=self.device,
             multilingual=self._multilingual,
             languages=tuple(self._model.supported_languages),
+            workers=self.workers,
         )
         self._n_frames = self._model.feature_extractor.nb_max_frames
         self._tokenizers: dict[tuple[str, str], Any] = {}

@@ -165,8 +165,10 @@ def _load_runner(args: argparse.Namespace) -> Any:
         allow_download=args.allow_download,
         progress=_progress_line,
     )
+    # One caller (transcribe_files decodes batch after batch): one worker
+    # with every thread.
     settings = RunnerSettings(
-        device=args.device, compute_type=args.compute_type, cpu_threads=args.cpu_threads
+        device=args.device, compute_type=args.compute_type, cpu_threads=args.cpu_threads, workers=1
     )
     return WhisperRunner(resolved.path, settings, name=resolved.name)
 
@@ -378,10 +380,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = Engine.create(cfg, runner, vad_model=shared_model(), fallback=remote, policy=policy)
     log.info("model warmed up in %.1f s", engine.warm_up())
     log.info(
-        "serving %s on %s (%s), batches of up to %d; stream at ws://%s:%d/v1/listen",
+        "serving %s on %s (%s), %d decode workers, batches of up to %d; "
+        "stream at ws://%s:%d/v1/listen",
         runner.name,
         runner.device,
         runner.compute_type,
+        runner.workers,
         engine.scheduler.settings.max_batch,
         cfg.host,
         cfg.port,
@@ -391,6 +395,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "device": runner.device,
             "compute_type": runner.compute_type,
             "max_batch": engine.scheduler.settings.max_batch,
+            "decode_workers": runner.workers,
             "host": cfg.host,
             "port": cfg.port,
             "policy": engine.policy,

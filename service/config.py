@@ -46,7 +46,10 @@ class Config:
     device: str = _f("auto", "auto, cpu or cuda")
     compute_type: str = _f("auto", "auto: float16 on cuda, int8 on cpu")
     cpu_threads: int = _f(0, "CTranslate2 threads per decode worker on CPU (0: automatic)")
-    decode_workers: int = _f(1, "batches decoded at once, each by its own model replica")
+    decode_workers: int = _f(
+        0,
+        "batches decoded at once, each by its own model replica (0: 1 per core up to 4; cuda 1)",
+    )
     language: str = _f("en", "language when a stream names none (auto: detect)")
     max_batch: int = _f(0, "windows per decoder call (0: 1 on cpu, 16 on cuda)")
     max_wait_ms: int = _f(10, "how long a batch may wait to fill")
@@ -210,7 +213,7 @@ def _validate(cfg: Config) -> Config:
     checks = [
         ("port", 0 <= cfg.port <= 65535, "from 0 to 65535"),
         ("max_batch", 0 <= cfg.max_batch <= 256, "from 0 to 256"),
-        ("decode_workers", 1 <= cfg.decode_workers <= 16, "from 1 to 16"),
+        ("decode_workers", 0 <= cfg.decode_workers <= 16, "from 0 to 16"),
         ("max_wait_ms", 0 <= cfg.max_wait_ms <= 1000, "from 0 to 1000"),
         ("max_streams", cfg.max_streams >= 1, "at least 1"),
         ("max_queue", cfg.max_queue >= 1, "at least 1"),

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from earshot.core.decoding import Backend, DecodeOptions, Window
+from earshot.core.decoding import Backend, DecodeOptions, Window, default_decode_workers
 from earshot.core.errors import ConfigError, InvalidRequestError
 from earshot.models.runner import RunnerSettings, WhisperRunner, pick_device
 from earshot.service.engine.audiofile import load_audio
@@ -20,7 +20,7 @@ from tests.kit.whisper_builder import cached_model
 
 @pytest.fixture(scope="module")
 def runner(micro_model: Path) -> WhisperRunner:
-    return WhisperRunner(micro_model, RunnerSettings(device="cpu", cpu_threads=2))
+    return WhisperRunner(micro_model, RunnerSettings(device="cpu", cpu_threads=2, workers=1))
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +167,34 @@ def test_short_context_encodes_only_what_the_batch_needs(
     hyps = runner.transcribe_batch(windows, DecodeOptions(short_context=True, word_timestamps=True))
     assert all(h.text and h.words for h in hyps)
     assert all(w.end <= 5.0 + 0.02 for h in hyps for w in h.words)
+
+
+@pytest.mark.parametrize(
+    "device, cpus, workers",
+    [("cpu", 1, 1), ("cpu", 2, 2), ("cpu", 16, 4), ("cuda", 16, 1), ("cuda:1", 2, 1)],
+)
+def test_default_decode_workers(device: str, cpus: int, workers: int) -> None:
+    assert default_decode_workers(device, cpus) == workers
+
+
+def test_the_runner_declares_its_workers_and_the_engine_keeps_that_many_in_flight(
+    micro_model: Path,
+) -> None:
+    from earshot.models.silero import shared_model
+    from earshot.service.config import load_config
+    from earshot.service.engine.engine import Engine
+
+    runner = WhisperRunner(micro_model, RunnerSettings(device="cpu", workers=2, cpu_threads=1))
+    assert runner.capabilities.workers == runner.workers == 2
+    engine = Engine.create(load_config(env={}), runner, vad_model=shared_model())
+    assert engine.scheduler.settings.workers == 2
+
+    windows = [Window(np.zeros(16000, np.float32), language="en") for _ in range(2)]
+
+    async def both() -> list[list[object]]:
+        return await asyncio.gather(
+            *(asyncio.to_thread(runner.transcribe_batch, [w], DecodeOptions()) for w in windows)
+        )
+
+    assert [len(h) for h in asyncio.run(both())] == [1, 1]
+    assert runner.calls == 2

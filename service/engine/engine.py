@@ -122,7 +122,7 @@ class Engine:
             max_batch=config.max_batch or default_max_batch(backend.capabilities.device, live=True),
             max_wait_ms=config.max_wait_ms,
             max_queue=config.max_queue,
-            workers=config.decode_workers,
+            workers=backend.capabilities.workers,
         )
         scheduler = Scheduler(
             backend,
