@@ -234,9 +234,7 @@ class StreamSession:
             assert vad_model is not None
             return StreamingVad(vad_model, vad_settings)
 
-        self._channels = [
-            _Channel(i, make_vad(), self._audio.buffers[i]) for i in range(n)
-        ]
+        self._channels = [_Channel(i, make_vad(), self._audio.buffers[i]) for i in range(n)]
         self._finished = False
         self._lag_warned = False
         self.bytes_received = 0
