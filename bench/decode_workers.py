@@ -41,6 +41,11 @@ from earshot.models.store import ModelStore  # noqa: E402
 
 KINDS: dict[str, DecodeOptions] = {
     "final": DecodeOptions(beam_size=5, without_timestamps=True, word_timestamps=True),
+    "final-greedy": DecodeOptions(beam_size=1, without_timestamps=True, word_timestamps=True),
+    "final-no-words": DecodeOptions(beam_size=5, without_timestamps=True, word_timestamps=False),
+    "final-short": DecodeOptions(
+        beam_size=5, without_timestamps=True, word_timestamps=True, short_context=True
+    ),
     "interim": DecodeOptions(beam_size=1, without_timestamps=True, word_timestamps=False),
     "interim-short": DecodeOptions(
         beam_size=1, without_timestamps=True, word_timestamps=False, short_context=True
@@ -118,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         default=["1x2", "2x1", "1x1"],
         help="WORKERSxTHREADS per worker",
     )
-    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    p.add_argument(
+        "--kinds",
+        nargs="+",
+        default=["final", "interim", "interim-short"],
+        choices=list(KINDS),
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     out = args.out or ROOT / "bench" / "results" / f"decode_workers-{args.model}.json"

@@ -78,10 +78,12 @@ class DecodeOptions:
     # keeps the finals of many streams in one batch.
     max_prompt_tokens: int = 64
     # Encode only as many frames as the longest window of the batch needs
-    # (rounded up to whole seconds, plus one), instead of Whisper's padded 30 s.
-    # Much cheaper for short windows; Whisper was trained on 30 s windows, so
-    # it may cost accuracy: an explicit opt-in, never a silent default.
+    # (its length plus short_context_pad_s of silence, rounded up to whole
+    # seconds), instead of Whisper's padded 30 s. Much cheaper for short
+    # windows; Whisper was trained on 30 s windows, so it may cost accuracy
+    # (bench/context.py measures how much): an explicit opt-in.
     short_context: bool = False
+    short_context_pad_s: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         """The options as plain JSON values, for provenance records."""
@@ -101,6 +103,7 @@ class DecodeOptions:
             "min_tokens": self.min_tokens,
             "max_prompt_tokens": self.max_prompt_tokens,
             "short_context": self.short_context,
+            "short_context_pad_s": self.short_context_pad_s,
         }
 
     def token_budget(self, duration: float) -> int:

@@ -252,13 +252,16 @@ class WhisperRunner:
             self._tokenizers[key] = tok
         return tok
 
-    def _features(self, windows: Sequence[Window], short_context: bool) -> np.ndarray:
+    def _features(
+        self, windows: Sequence[Window], short_context: bool, pad_s: float = 1.0
+    ) -> np.ndarray:
         fe = self._model.feature_extractor
         frames = self._n_frames
         if short_context:
-            # Whole seconds, one spare: 100 mel frames per second.
-            longest = max(w.duration for w in windows)
-            frames = min(self._n_frames, (math.ceil(longest) + 1) * fe.nb_max_frames // 30)
+            # The longest window and its padding, in whole seconds: 100 mel
+            # frames per second.
+            longest = max(w.duration for w in windows) + pad_s
+            frames = min(self._n_frames, math.ceil(longest) * fe.nb_max_frames // 30)
         feats = []
         for w in windows:
             audio = np.ascontiguousarray(w.audio, dtype=np.float32)
@@ -348,7 +351,7 @@ class WhisperRunner:
         """One decode of every window: each hypothesis with, where the model
         stopped before the end of its audio, the second to resume from.
         ``budgets`` caps each window's new tokens below its own budget."""
-        features = self._features(windows, options.short_context)
+        features = self._features(windows, options.short_context, options.short_context_pad_s)
         languages = [w.language for w in windows]
         encoder_output = None
         if any(lang is None for lang in languages):

@@ -63,6 +63,9 @@ class Config:
     final_short_context: bool = _f(
         False, "encode finals over their own length, not a padded 30 s (faster; may cost accuracy)"
     )
+    final_short_context_pad_s: float = _f(
+        5.0, "with final_short_context: seconds of silence encoded after the speech"
+    )
     interim_step_s: float = _f(0.75, "seconds of new audio between interim decodes")
     max_utterance_s: float = _f(20.0, "longest utterance; longer speech is cut at a quiet point")
     lag_warning_s: float = _f(5.0, "warn a stream this far behind real time")
@@ -219,6 +222,7 @@ def _validate(cfg: Config) -> Config:
         ("max_queue", cfg.max_queue >= 1, "at least 1"),
         ("final_beam_size", 1 <= cfg.final_beam_size <= 16, "from 1 to 16"),
         ("interim_step_s", 0.1 <= cfg.interim_step_s <= 10, "from 0.1 to 10"),
+        ("final_short_context_pad_s", 0 <= cfg.final_short_context_pad_s <= 30, "from 0 to 30"),
         ("max_utterance_s", 2 <= cfg.max_utterance_s <= 29, "from 2 to 29"),
         (
             "lag_limit_s",

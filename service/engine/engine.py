@@ -55,6 +55,7 @@ def final_options(cfg: Config) -> DecodeOptions:
         without_timestamps=True,
         word_timestamps=True,
         short_context=cfg.final_short_context,
+        short_context_pad_s=cfg.final_short_context_pad_s,
     )
 
 
