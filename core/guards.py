@@ -9,10 +9,11 @@ gzip compression ratio, or one n-gram repeated many times in a row).
 
 from __future__ import annotations
 
+import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from earshot.core.decoding import Hypothesis
+from earshot.core.decoding import Hypothesis, Segment, WordTiming
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,51 @@ def longest_repeat_run(words: list[str], max_n: int = 4) -> int:
             best = max(best, runs)
             i += 1 if runs == 1 else n * (runs - 1)
     return best
+
+
+TIMELESS_WORD_S = 0.05
+"""A repeated copy whose words last less than this on average (the aligner
+piled them onto one instant) was never said."""
+
+_WORD_KEY = re.compile(r"[^\w']+")
+
+
+def _key(word: str) -> str:
+    return _WORD_KEY.sub("", word.lower())
+
+
+def trim_timeless_repeats(hyp: Hypothesis, max_phrase: int = 8) -> Hypothesis:
+    """``hyp`` without a trailing run of copies of the phrase before it that
+    the word alignment gives (almost) no time: the loop Whisper falls into
+    when it is shown little audio ("Good night, husband. Good night, husband."
+    with the second copy aligned to 0 s). A repetition the speaker made takes
+    time and is kept. Needs word timings; a hypothesis without them, or
+    without such a tail, comes back as it is."""
+    words = [w for seg in hyp.segments for w in seg.words]
+    keys = [_key(w.word) for w in words]
+    cut = len(words)
+    for n in range(1, min(max_phrase, len(words) // 2) + 1):
+        end = len(words)
+        while end - 2 * n >= 0 and keys[end - n : end] == keys[end - 2 * n : end - n]:
+            copy = words[end - n : end]
+            if sum(w.end - w.start for w in copy) >= TIMELESS_WORD_S * n:
+                break
+            end -= n
+        cut = min(cut, end)
+    if cut == len(words):
+        return hyp
+    kept: list[Segment] = []
+    left = cut
+    for seg in hyp.segments:
+        if left <= 0:
+            break
+        mine: tuple[WordTiming, ...] = seg.words[:left]
+        left -= len(seg.words)
+        if len(mine) < len(seg.words):
+            seg = replace(seg, words=mine, text="".join(w.word for w in mine), end=mine[-1].end)
+        kept.append(seg)
+    text = "".join(w.word for w in words[:cut]).strip()
+    return replace(hyp, text=text, segments=tuple(kept))
 
 
 def drop_reason(hyp: Hypothesis, settings: GuardSettings | None = None) -> str | None:

@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from earshot.core.decoding import Hypothesis
+from earshot.core.decoding import Hypothesis, Segment, WordTiming
 from earshot.core.formats import TimedSegment, TimedWord, Transcript, render, timestamp
-from earshot.core.guards import drop_reason, longest_repeat_run
+from earshot.core.guards import drop_reason, longest_repeat_run, trim_timeless_repeats
 from earshot.service.engine.batch import pieces_from_spans
 
 SRT_TIME = r"\d{2}:\d{2}:\d{2},\d{3}"
@@ -107,3 +107,59 @@ def test_pieces_never_exceed_limit_or_overlap() -> None:
     assert all(e - s <= 25.0 + 1e-9 for s, e in pieces)
     assert all(a[1] <= b[0] + 1e-9 for a, b in itertools.pairwise(pieces))
     assert pieces[0][0] == 0.0 and pieces[-1][1] == pytest.approx(71.2)
+
+
+def _hyp(*words: tuple[str, float, float]) -> Hypothesis:
+    timed = tuple(WordTiming(w, s, e, 0.9) for w, s, e in words)
+    text = "".join(w for w, _, _ in words).strip()
+    return Hypothesis(text, (), (Segment(0.0, 2.0, text, (), timed),), "en", -0.3, 0.0)
+
+
+GOOD_NIGHT = [(" Good", 0.68, 0.96), (" night,", 0.96, 1.22), (" husband.", 1.28, 1.42)]
+
+
+@pytest.mark.parametrize(
+    "words, expected",
+    [
+        pytest.param(
+            # Measured on real tiny.en with a short context: copies piled on 1.42 s.
+            [
+                *GOOD_NIGHT,
+                *[(" Good", 1.42, 1.42), (" night,", 1.42, 1.42), (" husband.", 1.42, 1.42)],
+                *[(" Good", 1.42, 1.42), (" night,", 1.42, 1.42), (" husband.", 1.42, 1.54)],
+            ],
+            "Good night, husband.",
+            id="timeless copies are dropped",
+        ),
+        pytest.param(
+            [(" No,", 0.1, 0.4), (" no,", 0.5, 0.8), (" no.", 0.9, 1.2)],
+            "No, no, no.",
+            id="a repetition that takes time was said",
+        ),
+        pytest.param(
+            [*GOOD_NIGHT, (" Good", 1.5, 1.8), (" night,", 1.8, 2.1), (" husband.", 2.1, 2.5)],
+            "Good night, husband. Good night, husband.",
+            id="a timed second copy is kept",
+        ),
+        pytest.param(
+            [(" a", 0.1, 0.1), (" cat", 0.2, 0.5), (" sat", 0.6, 0.6)],
+            "a cat sat",
+            id="short words alone are not a repetition",
+        ),
+        pytest.param(
+            [(" yes", 0.1, 0.4), (" yes", 0.4, 0.4), (" yes", 0.4, 0.4), (" yes", 0.4, 0.4)],
+            "yes",
+            id="one word piled up",
+        ),
+    ],
+)
+def test_trim_timeless_repeats(words: list[tuple[str, float, float]], expected: str) -> None:
+    hyp = trim_timeless_repeats(_hyp(*words))
+    assert hyp.text == expected
+    kept = [w.word for seg in hyp.segments for w in seg.words]
+    assert "".join(kept).strip() == expected
+
+
+def test_trim_timeless_repeats_leaves_a_hypothesis_without_words_alone() -> None:
+    hyp = Hypothesis("Good night, husband. Good night, husband.", (), (), "en", -0.3, 0.0)
+    assert trim_timeless_repeats(hyp) is hyp
