@@ -62,7 +62,8 @@ def trim_timeless_repeats(hyp: Hypothesis, max_phrase: int = 8) -> Hypothesis:
     when it is shown little audio ("Good night, husband. Good night, husband."
     with the second copy aligned to 0 s). A repetition the speaker made takes
     time and is kept. Needs word timings; a hypothesis without them, or
-    without such a tail, comes back as it is."""
+    without such a tail, comes back as it is. The runner applies it to every
+    hypothesis it returns."""
     words = [w for seg in hyp.segments for w in seg.words]
     keys = [_key(w.word) for w in words]
     cut = len(words)

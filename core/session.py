@@ -44,7 +44,7 @@ import numpy as np
 from earshot.core.audio import FloatArray, RingBuffer, StreamAudio
 from earshot.core.decoding import SAMPLE_RATE, Hypothesis, Window
 from earshot.core.errors import EarshotError, LaggingError, PartialFrameError
-from earshot.core.guards import GuardSettings, drop_reason, trim_timeless_repeats
+from earshot.core.guards import GuardSettings, drop_reason
 from earshot.core.protocol import (
     Event,
     SpeechStartedEvent,
@@ -528,8 +528,6 @@ class StreamSession:
             req, hyp = ch.ready.pop(ch.next_emit)
             ch.due.pop(ch.next_emit, None)
             ch.next_emit += 1
-            if hyp is not None:
-                hyp = trim_timeless_repeats(hyp)
             keep = hyp is not None and drop_reason(hyp, self.settings.guards) is None
             if keep:
                 assert hyp is not None

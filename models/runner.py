@@ -54,6 +54,7 @@ from earshot.core.decoding import (
     default_decode_workers,
 )
 from earshot.core.errors import ConfigError, InvalidRequestError
+from earshot.core.guards import trim_timeless_repeats
 from earshot.models.provenance import ChecksumCache, Provenance, folder_provenance
 
 log = logging.getLogger("earshot.runner")
@@ -224,7 +225,10 @@ class WhisperRunner:
         with self._slots:
             with self._count_lock:
                 self.calls += 1
-            return self._transcribe_with_continuations(list(windows), options)
+            hyps = self._transcribe_with_continuations(list(windows), options)
+        # Whisper's loops show in its own word alignment (copies piled onto one
+        # instant): trimmed here, so every path that decodes locally is spared them.
+        return [trim_timeless_repeats(h) for h in hyps]
 
     # -- internals ---------------------------------------------------------
     def _validate(self, windows: Sequence[Window], options: DecodeOptions) -> None:

@@ -198,3 +198,17 @@ def test_the_runner_declares_its_workers_and_the_engine_keeps_that_many_in_fligh
 
     assert [len(h) for h in asyncio.run(both())] == [1, 1]
     assert runner.calls == 2
+
+
+def test_the_runner_trims_whispers_timeless_repeats(
+    runner: WhisperRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from earshot.core.decoding import Hypothesis, Segment, WordTiming
+
+    said = [(" Good", 0.7, 1.0), (" night.", 1.0, 1.4)]
+    looped = [*said, (" Good", 1.4, 1.4), (" night.", 1.4, 1.4)]
+    words = tuple(WordTiming(w, s, e, 0.9) for w, s, e in looped)
+    hyp = Hypothesis("Good night. Good night.", (), (Segment(0, 2, "", (), words),), "en", -0.2, 0)
+    monkeypatch.setattr(runner, "_transcribe_with_continuations", lambda windows, options: [hyp])
+    got = runner.transcribe_batch([Window(np.zeros(16000, np.float32))], DecodeOptions())
+    assert [h.text for h in got] == ["Good night."]
