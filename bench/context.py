@@ -20,7 +20,6 @@ import argparse
 import json
 import platform
 import sys
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.decode_workers import decode_concurrently  # noqa: E402
 from earshot.core.decoding import DecodeOptions, Window  # noqa: E402
 from earshot.models.runner import RunnerSettings, WhisperRunner, usable_cpus  # noqa: E402
 from earshot.models.store import ModelStore  # noqa: E402
@@ -52,27 +52,6 @@ def recordings() -> list[tuple[str, Any, str]]:
             assert rate == 16000
             out.append((row["path"], audio, row["text"]))
     return out
-
-
-def decode_all(runner: WhisperRunner, windows: list[Window], options: DecodeOptions) -> list[str]:
-    texts: list[str | None] = [None] * len(windows)
-    todo = list(range(len(windows)))
-    lock = threading.Lock()
-
-    def work() -> None:
-        while True:
-            with lock:
-                if not todo:
-                    return
-                i = todo.pop()
-            texts[i] = runner.transcribe_batch([windows[i]], options)[0].text
-
-    threads = [threading.Thread(target=work) for _ in range(runner.workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return [t or "" for t in texts]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         options = (
             FINAL if pad is None else replace(FINAL, short_context=True, short_context_pad_s=pad)
         )
-        start = time.perf_counter()
-        texts = decode_all(runner, windows, options)
-        wall = time.perf_counter() - start
+        texts, wall, _ = decode_concurrently(runner, windows, options, runner.workers)
         wer = corpus_score(refs, texts).wer
         label = "full 30 s" if pad is None else f"len + {pad:g} s"
         diff = 100 * (wer - offline_wer)
@@ -144,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {out}")
     return 0
 
 

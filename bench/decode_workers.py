@@ -87,20 +87,22 @@ def utterances(count: int) -> list[np.ndarray]:
     return out
 
 
-def measure(
+def decode_concurrently(
     runner: WhisperRunner, windows: list[Window], options: DecodeOptions, workers: int
-) -> tuple[float, float]:
-    """Decode every window once, from ``workers`` threads; (wall s, cores used)."""
-    jobs = list(windows)
+) -> tuple[list[str], float, float]:
+    """Decode every window once, as single-window batches from ``workers``
+    threads; (texts in window order, wall s, cores used)."""
+    texts = [""] * len(windows)
+    todo = list(range(len(windows)))
     lock = threading.Lock()
 
     def work() -> None:
         while True:
             with lock:
-                if not jobs:
+                if not todo:
                     return
-                window = jobs.pop()
-            runner.transcribe_batch([window], options)
+                i = todo.pop()
+            texts[i] = runner.transcribe_batch([windows[i]], options)[0].text
 
     threads = [threading.Thread(target=work) for _ in range(workers)]
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -109,7 +111,7 @@ def measure(
     for t in threads:
         t.join()
     wall = time.perf_counter() - wall0
-    return wall, (time.process_time() - cpu0) / wall
+    return texts, wall, (time.process_time() - cpu0) / wall
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         runner.transcribe_batch(windows[:1], KINDS["final"])  # warm-up
         for kind in args.kinds:
-            wall, cores = measure(runner, windows, KINDS[kind], workers)
+            _, wall, cores = decode_concurrently(runner, windows, KINDS[kind], workers)
             row = Row(workers, threads, kind, len(windows), audio_s, wall, cores)
             rows.append(row)
             print(
