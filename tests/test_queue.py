@@ -419,8 +419,9 @@ def test_estimated_wait(
     q.observe(I, 1, 0.25, now=0.0)
     push_all(q, [Sub(F, f"f{i}") for i in range(depth[0])])
     push_all(q, [Sub(I, f"i{i}") for i in range(depth[1])])
-    assert q.estimated_wait(F, now=now, in_flight=in_flight) == pytest.approx(final)
-    assert q.estimated_wait(I, now=now, in_flight=in_flight) == pytest.approx(interim)
+    flights = () if in_flight is None else (in_flight,)
+    assert q.estimated_wait(F, now=now, in_flight=flights) == pytest.approx(final)
+    assert q.estimated_wait(I, now=now, in_flight=flights) == pytest.approx(interim)
 
 
 @pytest.mark.parametrize(
@@ -486,7 +487,7 @@ def test_overload_reason(
     )
     push_all(q, [Sub(F, f"f{i}") for i in range(depth[0])])
     push_all(q, [Sub(I, f"i{i}") for i in range(depth[1])])
-    got = q.overload_reason(now=now, in_flight=in_flight)
+    got = q.overload_reason(now=now, in_flight=() if in_flight is None else (in_flight,))
     if reason is None:
         assert got is None
     else:

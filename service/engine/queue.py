@@ -345,7 +345,7 @@ class DecodeQueue(Generic[P]):
         return self.settings.prior_window_s if measured is None else measured
 
     def estimated_wait(
-        self, kind: JobKind, *, now: float, in_flight: InFlight | Sequence[InFlight] | None = None
+        self, kind: JobKind, *, now: float, in_flight: Sequence[InFlight] = ()
     ) -> float:
         """Seconds until a job of ``kind`` queued at ``now`` would be decoded.
 
@@ -356,15 +356,8 @@ class DecodeQueue(Generic[P]):
         at the seconds per window of its kind; plus its own cost. It does not
         foresee finals queued later, which go before an interim.
         """
-        batches = (
-            ()
-            if in_flight is None
-            else (in_flight,)
-            if isinstance(in_flight, InFlight)
-            else in_flight
-        )
         ahead = 0.0
-        for batch in batches:
+        for batch in in_flight:
             if batch.size:
                 expected = self.seconds_per_window(batch.kind) * batch.size
                 ahead += max(0.0, expected - (now - batch.started))
@@ -375,7 +368,7 @@ class DecodeQueue(Generic[P]):
         return self.max_wait_s + ahead / self.settings.workers + self.seconds_per_window(kind)
 
     def should_submit_interim(
-        self, key: Hashable, *, now: float, in_flight: InFlight | Sequence[InFlight] | None = None
+        self, key: Hashable, *, now: float, in_flight: Sequence[InFlight] = ()
     ) -> bool:
         """Whether a new interim for ``key`` is worth queueing at ``now``.
 
@@ -396,9 +389,7 @@ class DecodeQueue(Generic[P]):
         idle = now - self._last_done[JobKind.INTERIM]
         return not self._interims and idle > self.settings.interim_probe_s
 
-    def overload_reason(
-        self, *, now: float, in_flight: InFlight | Sequence[InFlight] | None = None
-    ) -> str | None:
+    def overload_reason(self, *, now: float, in_flight: Sequence[InFlight] = ()) -> str | None:
         """Why new streams should be refused at ``now``, naming the limit and
         the numbers, or None: the queue holds ``max_queue`` jobs or more, or a
         new final would wait longer than ``overload_final_wait_s``."""
