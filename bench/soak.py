@@ -199,7 +199,7 @@ def _snapshot(libc: Any, previous: list[Any]) -> dict[str, Any]:
             out["engine"] = {
                 "active_streams": o.active_streams,
                 "streams": len(o.streams),
-                "streams_total": o.streams_total,
+                "streams_total": sum(o.streams_opened.values()),
                 "closes": {str(k): v for k, v in o.closes.items()},
                 "queued_finals": len(sched._finals),
                 "queued_interims": len(sched._interims),

@@ -26,6 +26,11 @@ from earshot.core.values import parse_bool
 
 PROTOCOL_VERSION = "1"
 
+STREAM_PROTOCOLS = ("deepgram", "openai_realtime", "twilio")
+"""The live wire protocols, as metrics and logs label them: Deepgram's
+``/v1/listen``, OpenAI Realtime's ``/v1/realtime``, Twilio Media Streams'
+``/v1/twilio``."""
+
 
 # Deepgram options that only shape the text (formatting, tags, billing):
 # accepted so that existing clients work, and listed in Metadata as ignored.

@@ -99,18 +99,18 @@ def test_two_streams_through_a_real_server() -> None:
         )
 
     # Before any traffic: every series there, at 0.
-    assert value(before, "earshot_active_streams") == 0
-    assert value(before, "earshot_streams_opened_total") == 0
+    assert value(before, "earshot_active_streams", protocol="deepgram") == 0
+    assert value(before, "earshot_streams_opened_total", protocol="deepgram") == 0
     assert value(before, "earshot_batch_decode_seconds_count", kind="final") == 0
     assert value(before, "earshot_queue_depth", kind="interim") == 0
     # While the first client is connected.
-    assert value(during, "earshot_active_streams") == 1
-    assert value(during, "earshot_streams_opened_total") == 1
+    assert value(during, "earshot_active_streams", protocol="deepgram") == 1
+    assert value(during, "earshot_streams_opened_total", protocol="deepgram") == 1
 
     stats = engine.scheduler.stats()
     n_utterances = sum(len(s) for s in scripts)
-    assert value(after, "earshot_active_streams") == 0
-    assert value(after, "earshot_streams_opened_total") == 3
+    assert value(after, "earshot_active_streams", protocol="deepgram") == 0
+    assert value(after, "earshot_streams_opened_total", protocol="deepgram") == 3
     assert value(after, "earshot_stream_closes_total", code="1000") == 3
     for kind in JobKind:
         k = kind.value
@@ -222,16 +222,29 @@ class FakeSession:
 
 def test_scrape_time_values_sessions_and_fallback() -> None:
     scheduler = SimpleNamespace(on_batch=None, queue_depth=QueueDepth(3, 5), in_flight=2)
+    open_streams = [
+        SimpleNamespace(protocol="deepgram"),
+        SimpleNamespace(protocol="deepgram"),
+        SimpleNamespace(protocol="twilio"),
+    ]
     fake = SimpleNamespace(
-        scheduler=scheduler, active_streams=2, streams_total=7, closes=Counter({1000: 4, 1011: 1})
+        scheduler=scheduler,
+        active_streams=3,
+        streams=open_streams,
+        streams_opened=Counter({"deepgram": 7, "twilio": 1}),
+        closes=Counter({1000: 4, 1011: 1}),
     )
     metrics = Metrics(cast(Engine, fake)).bind()
     s = scrape_local(metrics)
     assert value(s, "earshot_queue_depth", kind="final") == 3
     assert value(s, "earshot_queue_depth", kind="interim") == 5
     assert value(s, "earshot_decode_in_flight") == 2
-    assert value(s, "earshot_active_streams") == 2
-    assert value(s, "earshot_streams_opened_total") == 7
+    assert value(s, "earshot_active_streams", protocol="deepgram") == 2
+    assert value(s, "earshot_active_streams", protocol="twilio") == 1
+    assert value(s, "earshot_active_streams", protocol="openai_realtime") == 0
+    assert value(s, "earshot_streams_opened_total", protocol="deepgram") == 7
+    assert value(s, "earshot_streams_opened_total", protocol="twilio") == 1
+    assert value(s, "earshot_streams_opened_total", protocol="openai_realtime") == 0
     assert value(s, "earshot_stream_closes_total", code="1011") == 1
     assert value(s, "earshot_stream_lag_max_seconds") == 0
     assert value(s, "earshot_audio_received_seconds_total") == 0

@@ -26,6 +26,7 @@ import earshot.core.protocol as protocol_mod
 import earshot.core.session as session_mod
 import earshot.service.engine.scheduler as scheduler_mod
 import earshot.service.http.listen as server_mod
+import earshot.service.http.livestream as livestream_mod
 from earshot.core.audio import (
     ENCODINGS,
     MAX_CHANNELS,
@@ -67,6 +68,7 @@ ERROR_MODULES: tuple[ModuleType, ...] = (
     protocol_mod,
     session_mod,
     server_mod,
+    livestream_mod,
     scheduler_mod,
 )
 
@@ -154,7 +156,7 @@ def error_classes() -> dict[str, type[EarshotError]]:
 def warning_codes() -> set[str]:
     """The codes of every WarningEvent the session and server create."""
     codes: set[str] = set()
-    for module in (session_mod, server_mod, scheduler_mod):
+    for module in (session_mod, server_mod, livestream_mod, scheduler_mod):
         tree = ast.parse(inspect.getsource(module))
         for node in ast.walk(tree):
             if (

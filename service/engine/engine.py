@@ -44,6 +44,11 @@ class Stream(Protocol):
         """Set once the stream has sent its last message and closed."""
         ...
 
+    @property
+    def protocol(self) -> str:
+        """The wire protocol's label (``deepgram``, ``openai_realtime``, ``twilio``)."""
+        ...
+
     def stop(self) -> None:
         """End as at a server shutdown: finals of the speech sent, then 1001."""
         ...
@@ -80,7 +85,8 @@ class Engine:
     session_settings: SessionSettings = field(default_factory=SessionSettings)
     policy: dict[str, Any] = field(default_factory=dict)
     active_streams: int = 0
-    streams_total: int = 0
+    # Streams accepted since the start, by wire protocol (also for metrics).
+    streams_opened: Counter[str] = field(default_factory=Counter)
     # How streams ended, by websocket close code (also for metrics).
     closes: Counter[int] = field(default_factory=Counter)
     streams: set[Stream] = field(default_factory=set)

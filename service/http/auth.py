@@ -34,6 +34,8 @@ from earshot.core.protocol import error_message
 from earshot.service.config import Config, split_list
 from earshot.service.http.context import ENGINE
 from earshot.service.http.demo import DEMO_PATHS
+from earshot.service.http.livestream import STREAM_PATHS
+from earshot.service.http.metrics import METRICS
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"}) | DEMO_PATHS
 """Paths answered without a key or an origin check (load balancers, probes,
@@ -174,12 +176,8 @@ def _refusal(request: web.Request, err: EarshotError, headers: dict[str, str]) -
         body = error_envelope(err.code, err.message, err.http_status)
     else:
         body = error_message(err)
-    from earshot.service.http.metrics import (
-        METRICS,  # here: metrics imports server, keep this light
-    )
-
     metrics = request.app.get(METRICS)
-    if metrics is not None and request.path == "/v1/listen":
+    if metrics is not None and request.path in STREAM_PATHS:
         metrics.refused(err.code, err.http_status)
     return web.json_response(body, status=err.http_status, headers=headers)
 

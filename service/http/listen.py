@@ -1,45 +1,23 @@
-"""The asyncio shell: the aiohttp application and its websocket handler.
+"""Deepgram's live protocol at ``GET /v1/listen`` (docs/protocol.md).
 
-It moves bytes between the network and the pure core (protocol, session) and
-the shared scheduler, and does nothing clever itself. One :class:`Engine`
-holds the one backend and the one scheduler every stream shares.
+The query string sets the stream up (:func:`~earshot.core.protocol.parse_params`);
+binary frames are audio; text frames are the control messages ``KeepAlive``,
+``Finalize``, ``CloseStream`` and ``Configure``. Results, SpeechStarted,
+UtteranceEnd, Metadata, Warning and Error come back as Deepgram writes them.
+Everything else is the shared :class:`~earshot.service.http.livestream.LiveStream`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import functools
-import json
 import logging
-import socket
-import uuid
-from collections import Counter
-from datetime import datetime, timezone
 from typing import Any
 
-from aiohttp import WebSocketError, WSCloseCode, WSMessage, WSMsgType, web
+from aiohttp import web
 
-from earshot.core.decoding import Hypothesis
-from earshot.core.errors import (
-    CLOSE_ABNORMAL,
-    CLOSE_CLIENT_NOT_READING,
-    CLOSE_INTERNAL,
-    CLOSE_NORMAL,
-    ClientNotReadingError,
-    EarshotError,
-    FrameTooLargeError,
-    IdleTimeoutError,
-    InvalidHandshakeError,
-    InvalidMessageError,
-    SchedulerStoppedError,
-    ServerFullError,
-    SessionTooLongError,
-    WebsocketRequiredError,
-)
+from earshot.core.errors import EarshotError, InvalidMessageError
 from earshot.core.protocol import (
+    Event,
     StreamParams,
-    TranscriptEvent,
     WarningEvent,
     configure_failure,
     error_message,
@@ -48,16 +26,9 @@ from earshot.core.protocol import (
     parse_control,
     parse_params,
 )
-from earshot.core.session import FINAL, DecodeRequest, Output, StreamSession
-from earshot.service.engine.engine import Engine, backend_label, check_model_name
-from earshot.service.engine.scheduler import (
-    DecodeJob,
-    JobKind,
-)
-from earshot.service.http.context import ENGINE, json_error
-from earshot.service.http.metrics import METRICS
-from earshot.service.http.wsframes import MaskCheck
-from earshot.service.logs import transcript_fields
+from earshot.service.engine.engine import check_model_name
+from earshot.service.http.context import ENGINE
+from earshot.service.http.livestream import LiveStream, open_stream
 
 log = logging.getLogger("earshot.server")
 
@@ -67,525 +38,71 @@ log = logging.getLogger("earshot.server")
 _DEEPGRAM_TIERS = frozenset({"base"})
 
 
-_GONE = WSMessage(WSMsgType.CLOSED, None, None)
-"""What :meth:`LiveStream._receive` returns for a connection that broke."""
+class ListenStream(LiveStream):
+    """One ``/v1/listen`` connection, in Deepgram's messages."""
 
+    protocol = "deepgram"
 
-class LiveStream:
-    """One ``/v1/listen`` connection: reads frames, drives the session, sends events."""
-
-    def __init__(
-        self,
-        engine: Engine,
-        ws: web.WebSocketResponse,
-        params: StreamParams,
-        transport: asyncio.Transport | None = None,
-    ) -> None:
-        self.engine = engine
-        self.transport = transport
-        self.ws = ws
-        self.params = params
-        self.request_id = str(uuid.uuid4())
-        self.created = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-        self.session = StreamSession(
-            params,
-            engine.session_settings,
-            engine.vad_model,
-            vad_factory=engine.vad_factory,
-            clock=asyncio.get_running_loop().time,
-        )
-        # Set while the session may take more audio (see _wait_for_room).
-        self._room = asyncio.Event()
-        self._room.set()
-        self._outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(
-            maxsize=engine.config.max_pending_messages
-        )
-        self._futures: set[asyncio.Future[Hypothesis | None]] = set()
-        self._finals_done = asyncio.Event()
-        self._finals_done.set()
-        self._fatal: EarshotError | None = None
-        self._close_reason: str | None = None
-        self._stopping = asyncio.Event()
-        self._stop_waiter: asyncio.Future[Any] | None = None
-        self.finished = asyncio.Event()
-        self.finals_sent = 0
-        self.backends_used: Counter[str] = Counter()
-        # When the send in progress started (None: the sender is idle).
-        self._sending_since: float | None = None
-
-    def stop(self) -> None:
-        """Ask the stream to end as at a server shutdown (see Engine.shut_down)."""
-        self._stopping.set()
-
-    async def _receive(self, timeout: float) -> Any:
-        """The next websocket message; raises SchedulerStoppedError once the
-        server is shutting down and asyncio.TimeoutError after ``timeout``."""
-        if self._stop_waiter is None:
-            self._stop_waiter = asyncio.ensure_future(self._stopping.wait())
-        receive = asyncio.ensure_future(self.ws.receive(timeout=timeout))
-        await asyncio.wait({receive, self._stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if receive.done():
-            try:
-                return receive.result()
-            except ConnectionError:  # it went while the server answered its pings
-                return _GONE
-        receive.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await receive
-        raise SchedulerStoppedError(
-            "the server is shutting down; this stream's finals are sent before it closes"
-        )
-
-    # -- sending --------------------------------------------------------------
-
-    def _send(self, message: dict[str, Any]) -> None:
-        """Queue a message for the client. A client that does not read is
-        closed (4430) by count, past ``max_pending_messages`` waiting, and by
-        time, when one send has been stuck for ``max_unread_s``: what it may
-        cost the server is bounded both ways."""
-        limit_s = self.engine.config.max_unread_s
-        stuck = self._sending_since
-        if stuck is not None and asyncio.get_running_loop().time() - stuck > limit_s:
-            self._fatal = self._fatal or ClientNotReadingError(
-                f"the client has read nothing for {limit_s:g} s (max_unread_s)",
-                limit_s=limit_s,
-            )
-        try:
-            self._outbox.put_nowait(message)
-        except asyncio.QueueFull:
-            self._fatal = self._fatal or ClientNotReadingError(
-                f"the client has not read its last {self._outbox.maxsize} messages "
-                "(max_pending_messages)",
-                limit=self._outbox.maxsize,
-            )
-
-    async def _sender(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            message = await self._outbox.get()
-            if message is None:
-                return
-            self._sending_since = loop.time()
-            await self.ws.send_str(json.dumps(message, ensure_ascii=False))
-            self._sending_since = None
-
-    def _emit(self, events: list[Any]) -> None:
-        for ev in events:
-            if isinstance(ev, WarningEvent) and not self.params.warnings:
-                # Deepgram's SDKs fail on message types they do not know.
-                log.info(
-                    "stream warning %s: %s",
-                    ev.code,
-                    ev.message,
-                    extra={"session": self.request_id, "code": ev.code},
-                )
-                continue
-            if isinstance(ev, TranscriptEvent) and ev.is_final:
-                self.finals_sent += 1
-                ev.extra["provenance"] = self.engine.result_provenance(
-                    ev.extra.get("backend") or {}
-                )
-                log.debug(
-                    "final",
-                    extra={
-                        "session": self.request_id,
-                        "channel": ev.channel,
-                        "start": round(ev.start, 3),
-                        "duration": round(ev.duration, 3),
-                        "words": len(ev.words),
-                        **transcript_fields(ev.transcript, self.engine.config.log_transcripts),
-                    },
-                )
-            self._send(event_message(ev, self.request_id, self.engine.model_name))
-
-    # -- decoding -------------------------------------------------------------
-
-    def _submit(self, out: Output) -> None:
-        self._emit(out.events)
-        for req in out.requests:
-            kind = JobKind.FINAL if req.kind == FINAL else JobKind.INTERIM
-            job = DecodeJob(
-                key=(self.request_id, req.channel), kind=kind, window=req.window, tag=req
-            )
-            fut = self.engine.scheduler.submit(job)
-            self._futures.add(fut)
-            if req.kind == FINAL:
-                self._finals_done.clear()
-            fut.add_done_callback(functools.partial(self._on_done, req))
-
-    def _on_done(self, req: DecodeRequest, fut: asyncio.Future[Hypothesis | None]) -> None:
-        self._futures.discard(fut)
-        hyp: Hypothesis | None = None
-        err: BaseException | None = None
-        if fut.cancelled():
-            err = asyncio.CancelledError()
-        elif fut.exception() is not None:
-            err = fut.exception()
-            log.warning("decode failed: %s", err, extra={"session": self.request_id})
-        else:
-            hyp = fut.result()
-        if hyp is not None:
-            self._note_backend(hyp)
-        self._emit(self.session.on_result(req, hyp, err))
-        if self.session.pending_finals == 0:
-            self._finals_done.set()
-        if not self.session.saturated:
-            self._room.set()
-
-    def _note_backend(self, hyp: Hypothesis) -> None:
-        """Count which backend decoded; the first remote result of the stream
-        is announced (a log line, and a Warning to clients that asked)."""
-        name = backend_label(hyp.info)
-        first = name != "local" and not any(n != "local" for n in self.backends_used)
-        self.backends_used[name] += 1
-        if first:
-            reason = str(hyp.info.get("fallback") or "")
-            log.warning(
-                "stream uses the remote fallback %s (%s)",
-                name,
-                reason,
-                extra={"session": self.request_id, "backend": name, "reason": reason},
-            )
-            self._emit(
-                [
-                    WarningEvent(
-                        "remote_fallback",
-                        f"results of this stream now also come from the remote backend {name} "
-                        f"({reason}); each such result says so in earshot.provenance",
-                        {"backend": name, "reason": reason},
-                    )
-                ]
-            )
-
-    async def _wait_for_room(self) -> None:
-        """Back-pressure: while the session has as many finals in flight as it
-        may, read nothing more (a client sending faster than real time then
-        waits on its own socket). The lag is still checked meanwhile, so a
-        live client that falls behind is warned and closed as always."""
-        while self.session.saturated and self._fatal is None and not self._stopping.is_set():
-            self._room.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._room.wait(), timeout=0.5)
-            self._emit(self.session.check_lag())
-
-    def _interims_allowed(self, channel: int) -> bool:
-        return self.engine.scheduler.should_submit_interim((self.request_id, channel))
-
-    # -- main loop ------------------------------------------------------------
-
-    async def run(self) -> None:
+    def _metadata(self, *, final: bool) -> dict[str, Any]:
         engine = self.engine
-        cfg = engine.config
-        sender = asyncio.create_task(self._sender())
-        self._send(
-            metadata_message(
-                request_id=self.request_id,
-                created=self.created,
-                params=self.params,
-                provenance=engine.client_provenance(),
-                policy=engine.policy,
-                decoding=engine.decoding(),
-            )
+        return metadata_message(
+            request_id=self.request_id,
+            created=self.created,
+            params=self.params,
+            provenance=engine.client_provenance(),
+            policy=engine.policy,
+            decoding=engine.decoding(),
+            duration=self.session.received_seconds if final else None,
+            backends=dict(self.backends_used) if final else None,
         )
-        close_code = CLOSE_NORMAL
-        client_gone = False
-        loop = asyncio.get_running_loop()
-        opened = loop.time()
-        deadline = opened + cfg.max_session_s
-        try:
-            while self._fatal is None:
-                await self._wait_for_room()
-                if self._fatal is not None:
-                    break
-                remaining = deadline - loop.time()
-                try:
-                    if remaining <= 0:
-                        raise asyncio.TimeoutError
-                    msg = await self._receive(min(cfg.idle_timeout_s, remaining))
-                except asyncio.TimeoutError:
-                    if loop.time() >= deadline:
-                        raise SessionTooLongError(
-                            f"the stream reached the limit of {cfg.max_session_s:g} s "
-                            "(max_session_s); open a new stream to go on",
-                            limit_s=cfg.max_session_s,
-                        ) from None
-                    raise IdleTimeoutError(
-                        f"no audio and no KeepAlive for {cfg.idle_timeout_s:g} s (idle_timeout_s)",
-                        limit_s=cfg.idle_timeout_s,
-                    ) from None
-                if msg.type == WSMsgType.BINARY:
-                    data: bytes = msg.data
-                    if len(data) > cfg.max_frame_bytes:
-                        raise FrameTooLargeError(
-                            f"a binary frame of {len(data)} bytes is over the limit of "
-                            f"{cfg.max_frame_bytes} bytes (max_frame_bytes)",
-                            size=len(data),
-                            limit=cfg.max_frame_bytes,
-                        )
-                    self._submit(self.session.push(data, interims_allowed=self._interims_allowed))
-                    self._emit(self.session.check_lag())
-                elif msg.type == WSMsgType.TEXT:
-                    try:
-                        kind = parse_control(msg.data)
-                    except InvalidMessageError as exc:
-                        self._send(error_message(exc))
-                        continue
-                    if kind == "Finalize":
-                        self._submit(self.session.finalize())
-                    elif kind == "CloseStream":
-                        break
-                    elif kind == "Configure":
-                        self._send(configure_failure(self.request_id))
-                else:  # CLOSE, CLOSING, CLOSED, ERROR: the client is gone
-                    client_gone = True
-                    close_code = self._client_close_code(msg)
-                    break
-            if self._fatal is not None:
-                raise self._fatal
-        except EarshotError as exc:
-            close_code = exc.ws_close_code
-            self._close_reason = exc.code
+
+    def opening_messages(self) -> list[dict[str, Any]]:
+        return [self._metadata(final=False)]
+
+    def closing_messages(self) -> list[dict[str, Any]]:
+        return [self._metadata(final=True)]
+
+    def render(self, ev: Event) -> list[dict[str, Any]]:
+        if isinstance(ev, WarningEvent) and not self.params.warnings:
+            # Deepgram's SDKs fail on message types they do not know.
             log.info(
-                "stream error %s: %s", exc.code, exc.message, extra={"session": self.request_id}
+                "stream warning %s: %s",
+                ev.code,
+                ev.message,
+                extra={"session": self.request_id, "code": ev.code},
             )
-            self._send(error_message(exc))
-        except Exception as exc:  # a bug: report, flush, close
-            log.exception("stream failed", extra={"session": self.request_id})
-            close_code = CLOSE_INTERNAL
-            self._close_reason = "internal_error"
-            self._send({"type": "Error", "code": "internal_error", "message": str(exc)})
-        if close_code == CLOSE_CLIENT_NOT_READING:
-            client_gone = True  # its buffers are full: nothing more would be read
+            return []
+        return [event_message(ev, self.request_id, self.engine.model_name)]
+
+    def render_error(self, err: EarshotError) -> dict[str, Any]:
+        return error_message(err)
+
+    def on_text(self, text: str) -> bool:
         try:
-            if not client_gone:
-                await self._flush()
-        finally:
-            for fut in list(self._futures):
-                fut.cancel()
-            with contextlib.suppress(asyncio.QueueFull):
-                self._outbox.put_nowait(None)
-            if not client_gone:
-                with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
-                    await asyncio.wait_for(asyncio.shield(sender), timeout=5.0)
-            engine.closes[close_code] += 1
-            log.info(
-                "stream closed",
-                extra={
-                    "session": self.request_id,
-                    "close_code": close_code,
-                    "reason": self._close_reason or ("client_gone" if client_gone else "normal"),
-                    "audio_s": round(self.session.received_seconds, 3),
-                    "wall_s": round(loop.time() - opened, 3),
-                    "finals": self.finals_sent,
-                },
-            )
-            if close_code == CLOSE_CLIENT_NOT_READING and self.transport is not None:
-                # A client that does not read cannot take a close frame either.
-                self.transport.abort()
-            sender.cancel()
-            with contextlib.suppress(
-                asyncio.CancelledError, asyncio.TimeoutError, ConnectionError, RuntimeError
-            ):
-                await asyncio.wait_for(sender, timeout=2.0)
-            reason = (self._close_reason or "").encode()[:120]
-            try:
-                await asyncio.wait_for(self.ws.close(code=close_code, message=reason), 10.0)
-            except (asyncio.TimeoutError, ConnectionError):
-                if self.transport is not None:
-                    self.transport.abort()
-            if self._stop_waiter is not None:
-                self._stop_waiter.cancel()
-            self.finished.set()
-
-    def _client_close_code(self, msg: Any) -> int:
-        """How the client ended the stream, for the metrics and the log: its
-        own close code, the protocol error the websocket layer found (1002,
-        1009), or 1006 when the connection dropped without a close frame."""
-        if msg.type == WSMsgType.CLOSE and isinstance(msg.data, int) and msg.data:
-            return int(msg.data)
-        if self.ws.close_code and self.ws.close_code != CLOSE_NORMAL:
-            return int(self.ws.close_code)
-        return CLOSE_ABNORMAL
-
-    async def _read_until_closed(self) -> None:
-        """Read and ignore whatever the client sends until it closes."""
-        while True:
-            try:
-                msg = await self.ws.receive()
-            except ConnectionError:
-                return
-            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
-                return
-
-    async def _flush(self) -> None:
-        """Finish the stream: decode every open utterance and wait for its final."""
-        out, error = self.session.finish()
-        self._submit(out)
-        if error is not None:
-            self._send(error_message(error))
-        # Keep reading while the last finals are decoded: aiohttp answers the
-        # client's pings only inside receive(), and a client whose pings go
-        # unanswered gives up before its finals arrive.
-        reader = asyncio.create_task(self._read_until_closed())
-        finals = asyncio.create_task(self._finals_done.wait())
-        try:
-            await asyncio.wait(
-                {reader, finals},
-                timeout=self.engine.config.flush_timeout_s,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            finals.cancel()
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
-        self._send(
-            metadata_message(
-                request_id=self.request_id,
-                created=self.created,
-                params=self.params,
-                provenance=self.engine.client_provenance(),
-                policy=self.engine.policy,
-                decoding=self.engine.decoding(),
-                duration=self.session.received_seconds,
-                backends=dict(self.backends_used),
-            )
-        )
+            kind = parse_control(text)
+        except InvalidMessageError as exc:
+            self.send(error_message(exc))
+            return True
+        if kind == "Finalize":
+            self.finalize()
+        elif kind == "CloseStream":
+            return False
+        elif kind == "Configure":
+            self.send(configure_failure(self.request_id))
+        return True  # KeepAlive: the receive itself reset the idle timer
 
 
 async def handle_listen(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
-    cfg = engine.config
-    metrics = request.app.get(METRICS)
 
-    def refuse(err: EarshotError, headers: dict[str, str] | None = None) -> web.Response:
-        log.info(
-            "stream refused: %s",
-            err.message,
-            extra={"code": err.code, "status": err.http_status, "peer": request.remote},
+    def validate() -> StreamParams:
+        params = parse_params(
+            list(request.query.items()), default_language=engine.config.default_language
         )
-        if metrics is not None:
-            metrics.refused(err.code, err.http_status)
-        return json_error(err, headers=headers)
-
-    if engine.shutting_down:
-        return refuse(
-            SchedulerStoppedError("the server is shutting down; try another instance"),
-            headers={"Retry-After": "5"},
-        )
-    if engine.active_streams >= cfg.max_streams:
-        return refuse(
-            ServerFullError(
-                f"the server is at its limit of {cfg.max_streams} streams (max_streams)",
-                limit=cfg.max_streams,
-            ),
-            headers={"Retry-After": "5"},
-        )
-    if not engine.scheduler.accepting():
-        return refuse(
-            ServerFullError(
-                f"the server is overloaded: {engine.scheduler.overload_reason() or 'busy'}"
-            ),
-            headers={"Retry-After": "2"},
-        )
-    try:
-        params = parse_params(list(request.query.items()), default_language=cfg.default_language)
         check_model_name(engine, params.model, _DEEPGRAM_TIERS)
-    except EarshotError as exc:
-        return refuse(exc)
-    ws = web.WebSocketResponse(
-        max_msg_size=cfg.max_frame_bytes * 4, timeout=5.0, protocols=("token",)
-    )
-    try:
-        upgradable = ws.can_prepare(request).ok
-    except ValueError:  # e.g. a Sec-WebSocket-Key that is not ASCII
-        return refuse(
-            InvalidHandshakeError(
-                "the websocket handshake is malformed: Sec-WebSocket-Key must be 16 bytes "
-                "in base64 (RFC 6455 4.1)",
-                field="Sec-WebSocket-Key",
-            )
-        )
-    if not upgradable:
-        return refuse(
-            WebsocketRequiredError(
-                "GET /v1/listen is a websocket endpoint: send the upgrade headers "
-                "(Connection: Upgrade, Upgrade: websocket, Sec-WebSocket-Key, "
-                "Sec-WebSocket-Version: 13)"
-            ),
-            headers={"Upgrade": "websocket"},
-        )
-    await ws.prepare(request)
-    require_masked_frames(request, ws)
-    sock = request.transport.get_extra_info("socket") if request.transport else None
-    if sock is not None:
-        # What a client that stops reading can make the kernel hold for it.
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.socket_send_buffer)
-    engine.active_streams += 1
-    engine.streams_total += 1
-    stream = LiveStream(engine, ws, params, request.transport)
-    engine.streams.add(stream)
-    log.info(
-        "stream opened",
-        extra={
-            "session": stream.request_id,
-            "peer": request.remote,
-            "encoding": params.audio.encoding,
-            "sample_rate": params.audio.sample_rate,
-            "channels": params.audio.channels,
-            "language": params.language,
-            "active_streams": engine.active_streams,
-        },
-    )
-    if metrics is not None:
-        metrics.stream_started(stream.session)
-    try:
-        await stream.run()
-    finally:
-        if metrics is not None:
-            metrics.stream_ended(stream.session)
-        engine.streams.discard(stream)
-        engine.active_streams -= 1
-    return ws
+        return params
 
+    def make(params: StreamParams, ws: web.WebSocketResponse) -> LiveStream:
+        return ListenStream(engine, ws, params, request.transport)
 
-class _MaskCheckingParser:
-    """Sits in front of aiohttp's websocket frame parser and ends the stream
-    with 1002 at the first unmasked client frame (RFC 6455 5.1), which the
-    parser itself accepts."""
-
-    def __init__(self, inner: Any, queue: Any) -> None:
-        self._inner = inner
-        self._queue = queue
-        self._check = MaskCheck()
-
-    def feed_data(self, data: bytes | bytearray | memoryview) -> tuple[bool, bytes]:
-        if self._check.violation:
-            return True, b""
-        if not self._check.feed(data):
-            self._queue.set_exception(
-                WebSocketError(
-                    WSCloseCode.PROTOCOL_ERROR,
-                    "client frames must be masked (RFC 6455, section 5.1)",
-                )
-            )
-            return True, b""
-        result: tuple[bool, bytes] = self._inner.feed_data(data)
-        return result
-
-    def feed_eof(self) -> None:
-        self._inner.feed_eof()
-
-
-def require_masked_frames(request: web.Request, ws: web.WebSocketResponse) -> None:
-    """Install :class:`_MaskCheckingParser` on an upgraded connection (aiohttp
-    keeps the parser and the message queue it feeds in private attributes;
-    tests/test_hardening.py fails if that changes)."""
-    protocol = request.protocol
-    inner = getattr(protocol, "_payload_parser", None)
-    queue = getattr(ws, "_reader", None)
-    if inner is None or queue is None or not hasattr(queue, "set_exception"):
-        log.warning("cannot check that client frames are masked")
-        return
-    protocol._payload_parser = _MaskCheckingParser(inner, queue)
+    return await open_stream(request, validate, make)

@@ -11,9 +11,10 @@ Where the numbers come from:
   wait histograms, decoded audio seconds and decode failures, all by kind.
 - Read from the engine and its scheduler at scrape time (a custom
   collector, so nothing can drift out of step with the engine's own
-  counters): active streams, streams opened (``Engine.streams_total``),
-  stream closes by websocket close code (``Engine.closes``), queue depth by
-  kind and jobs in flight.
+  counters): active streams and streams opened by wire protocol
+  (``Engine.streams``, ``Engine.streams_opened``), stream closes by
+  websocket close code (``Engine.closes``), queue depth by kind and jobs in
+  flight.
 - Calls the server makes: :meth:`Metrics.refused` for a refusal before the
   websocket upgrade, :meth:`Metrics.stream_started` / :meth:`Metrics.stream_ended`
   around a stream's session (they feed audio received and the lag gauge),
@@ -42,6 +43,7 @@ from prometheus_client import generate_latest as _generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from earshot.core.protocol import STREAM_PROTOCOLS
 from earshot.service.engine.engine import Engine
 from earshot.service.engine.scheduler import BatchHook, BatchReport, JobKind
 from earshot.service.http.context import ENGINE
@@ -93,16 +95,24 @@ class _EngineCollector(Collector):
         engine = m.engine
         scheduler = engine.scheduler
 
-        yield GaugeMetricFamily(
+        active = GaugeMetricFamily(
             f"{NAMESPACE}_active_streams",
-            "Websocket streams open now.",
-            value=engine.active_streams,
+            "Websocket streams open now, by wire protocol.",
+            labels=["protocol"],
         )
-        yield CounterMetricFamily(
+        open_now: dict[str, int] = {}
+        for stream in engine.streams:
+            open_now[stream.protocol] = open_now.get(stream.protocol, 0) + 1
+        opened = CounterMetricFamily(
             f"{NAMESPACE}_streams_opened",
-            "Websocket streams accepted (upgraded) since the server started.",
-            value=engine.streams_total,
+            "Websocket streams accepted (upgraded) since the server started, by wire protocol.",
+            labels=["protocol"],
         )
+        for protocol in sorted({*STREAM_PROTOCOLS, *engine.streams_opened}):
+            active.add_metric([protocol], open_now.get(protocol, 0))
+            opened.add_metric([protocol], engine.streams_opened[protocol])
+        yield active
+        yield opened
         closes = CounterMetricFamily(
             f"{NAMESPACE}_stream_closes",
             "Streams ended, by close code: the one the server sent, the client's own, "
