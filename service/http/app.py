@@ -21,7 +21,9 @@ from earshot.service.http.demo import register_demo_routes
 from earshot.service.http.listen import handle_listen
 from earshot.service.http.metrics import register_metrics_routes
 from earshot.service.http.openai import register_openai_routes
+from earshot.service.http.realtime import register_realtime_routes
 from earshot.service.http.serving import error_middleware
+from earshot.service.http.twilio import register_twilio_routes
 
 
 async def handle_health(request: web.Request) -> web.Response:
@@ -66,6 +68,8 @@ def create_app(engine: Engine) -> web.Application:
     app.router.add_get("/v1/policy", handle_policy)
     register_metrics_routes(app)
     register_openai_routes(app)
+    register_realtime_routes(app)
+    register_twilio_routes(app)
     register_demo_routes(app)
     register_auth(app)
     return app
