@@ -482,9 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(sv)
     sv.set_defaults(func=cmd_serve)
 
+    from earshot.clients.call import add_call_parser
     from earshot.clients.stream_cli import add_stream_parser
 
     add_stream_parser(sub)
+    add_call_parser(sub)
 
     m = sub.add_parser("models", help="list, show, verify, pull or import models")
     msub = m.add_subparsers(dest="models_command", required=True)
