@@ -26,6 +26,7 @@ CLOSE_INTERNAL = 1011
 CLOSE_INVALID = 4400  # bad parameters or bad audio
 CLOSE_UNAUTHORIZED = 4401  # no valid API key
 CLOSE_FORBIDDEN = 4403  # a browser page from an origin that is not allowed
+CLOSE_NOT_FOUND = 4404  # a call's subscriber: the call did not start in time
 CLOSE_IDLE = 4408  # no audio and no KeepAlive for too long
 CLOSE_SESSION_LIMIT = 4409  # the stream reached max_session_s
 CLOSE_TOO_LARGE = 4413  # a frame over the size limit
@@ -159,6 +160,51 @@ class BodyTimeoutError(EarshotError):
 
     code = "body_timeout"
     http_status = 408
+
+
+# -------------------------------------------- OpenAI Realtime (/v1/realtime)
+# Each is answered with an OpenAI-shaped ``error`` event; none ends the stream.
+
+
+class RealtimeInvalidEventError(InvalidRequestError):
+    """A text frame that is not a JSON object with a string ``type``, or a
+    binary frame (the protocol sends audio as base64 in JSON)."""
+
+    code = "invalid_event"
+
+
+class RealtimeUnknownEventError(InvalidRequestError):
+    """A client event ``type`` that the Realtime API does not define."""
+
+    code = "unknown_event"
+
+
+class RealtimeUnsupportedError(InvalidRequestError):
+    """A Realtime feature Earshot does not implement (responses, conversation
+    items, tools, output audio, ``session.type`` ``realtime``...): refused,
+    naming it, never silently ignored."""
+
+    code = "unsupported_feature"
+
+
+class RealtimeInvalidAudioError(InvalidRequestError):
+    """``input_audio_buffer.append`` whose ``audio`` is not base64, or not whole
+    samples of the session's format."""
+
+    code = "invalid_audio"
+
+
+class RealtimeSessionLockedError(InvalidRequestError):
+    """A ``session.update`` that changes a setting after audio began: settings
+    (the audio format first of all) are fixed once audio has arrived."""
+
+    code = "session_locked"
+
+
+class RealtimeCommitEmptyError(InvalidRequestError):
+    """``input_audio_buffer.commit`` with no audio appended since the last commit."""
+
+    code = "input_audio_buffer_commit_empty"
 
 
 # ---------------------------------------------------------- the decode queue
@@ -395,3 +441,75 @@ class WebsocketRequiredError(EarshotError):
 
     code = "websocket_required"
     http_status = 426
+
+
+# ------------------------------------------------ Twilio Media Streams (/v1/twilio)
+
+
+class TwilioMessageError(InvalidRequestError):
+    """A Twilio message that is not JSON, or a known event without the fields
+    it must have. Not fatal, except for a malformed ``start``."""
+
+    code = "twilio_invalid_message"
+
+
+class TwilioMediaError(TwilioMessageError):
+    """A ``media`` message whose payload is not base64 (the chunk is dropped;
+    its span is silence). Not fatal."""
+
+    code = "twilio_invalid_media"
+
+
+class TwilioNotStartedError(TwilioMessageError):
+    """``media`` (or another event of a call) before ``start``. Not fatal,
+    until too many such messages arrive."""
+
+    code = "twilio_not_started"
+
+
+class TwilioUnknownTrackError(TwilioMessageError):
+    """``media`` of a track that ``start`` did not announce. Not fatal."""
+
+    code = "twilio_unknown_track"
+
+
+class TwilioDuplicateStartError(TwilioMessageError):
+    """A second ``start`` on the same websocket. Fatal."""
+
+    code = "twilio_duplicate_start"
+
+
+class TwilioMediaFormatError(TwilioMessageError):
+    """``start`` announces a media format other than 8 kHz mono µ-law, or
+    tracks other than ``inbound`` and ``outbound``. Fatal."""
+
+    code = "twilio_unsupported_media_format"
+
+
+class TwilioCallInUseError(TwilioMessageError):
+    """``start`` names a ``callSid`` that another live stream already has. Fatal."""
+
+    code = "twilio_call_in_use"
+
+
+class TwilioSignatureError(UnauthorizedError):
+    """``X-Twilio-Signature`` is missing or does not sign the stream's URL with
+    the configured ``twilio_auth_token``."""
+
+    code = "twilio_signature_invalid"
+
+
+class CallNotStartedError(EarshotError):
+    """A call's subscriber waited ``twilio_subscriber_wait_s`` and the call did
+    not start."""
+
+    code = "call_not_started"
+    http_status = 404
+    ws_close_code = CLOSE_NOT_FOUND
+
+
+class SubscriberNotReadingError(ClientNotReadingError):
+    """A call's subscriber let ``twilio_subscriber_queue`` messages pile up:
+    it is dropped, the call goes on."""
+
+    code = "subscriber_not_reading"
