@@ -1,6 +1,6 @@
 """The OpenAI audio API's wire shapes: errors, and verbose_json transcriptions.
 
-Clients of ``/v1/audio/*`` and ``/v1/models`` are OpenAI SDKs: they read
+Clients of ``/v1/audio/*``, ``/v1/models`` and ``/v1/realtime`` are OpenAI SDKs: they read
 errors from ``{"error": {"message", "type", "code", "param"}}``, whatever
 refused the request (the endpoint itself, authentication, or the framework's
 own limits). This module is the one place that shape is built. It also
@@ -21,7 +21,12 @@ from earshot.core.languages import language_code
 
 def is_openai_path(path: str) -> bool:
     """Paths whose clients expect OpenAI's error envelope."""
-    return path.startswith("/v1/audio/") or path == "/v1/models" or path.startswith("/v1/models/")
+    return (
+        path.startswith("/v1/audio/")
+        or path == "/v1/models"
+        or path.startswith("/v1/models/")
+        or path == "/v1/realtime"
+    )
 
 
 def error_type(status: int) -> str:

@@ -333,6 +333,8 @@ class SpeechStartedEvent:
     channel: int
     channels: int
     timestamp: float
+    # The utterance that starts (its number on the channel, from 0).
+    utterance: int = 0
 
 
 @dataclass(frozen=True)

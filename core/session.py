@@ -134,6 +134,18 @@ class Output:
         self.events.extend(other.events)
 
 
+@dataclass(frozen=True)
+class ClosedUtterance:
+    """An utterance that closed (reported with ``report_closes``): where its
+    audio ends on the stream clock (seconds), and why it closed."""
+
+    channel: int
+    utterance: int
+    end: float
+    from_finalize: bool = False
+    discarded: bool = False
+
+
 @dataclass
 class _Channel:
     index: int
@@ -209,10 +221,19 @@ class StreamSession:
         *,
         vad_factory: Callable[[VadSettings], StreamingVad] | None = None,
         clock: Callable[[], float] | None = None,
+        report_closes: bool = False,
     ) -> None:
         """``clock`` is a monotonic wall clock in seconds (the shell's event
-        loop time); None measures lag on the stream's own audio clock."""
+        loop time); None measures lag on the stream's own audio clock.
+
+        ``report_closes`` (for protocols that announce the end of each
+        utterance, such as OpenAI Realtime): every utterance that closes is
+        recorded for :meth:`take_closed`, and every one gets a final
+        :class:`TranscriptEvent`, with an empty transcript where nothing was
+        kept (without it, such a final is only sent when interims were)."""
         self.params = params
+        self.report_closes = report_closes
+        self._closed: list[ClosedUtterance] = []
         self._clock = clock
         self._t0: float | None = None
         self.settings = settings or SessionSettings()
@@ -303,6 +324,25 @@ class StreamSession:
             if ch.vad.is_speech:
                 self._open(ch, cut, out, announce=False)
         return out
+
+    def discard(self) -> Output:
+        """Drop every open utterance without decoding it (OpenAI's
+        ``input_audio_buffer.clear``). Its final, if any is sent, is empty
+        (``report_closes``); speech still under way opens the next utterance
+        at the current end of the audio (announced as a new start)."""
+        out = Output()
+        for ch in self._channels:
+            if ch.open_start is None:
+                continue
+            out.extend(self._close(ch, ch.buffer.total, speech_final=False, decode=False))
+            if ch.vad.is_speech:
+                self._open(ch, ch.buffer.total, out, announce=True)
+        return out
+
+    def take_closed(self) -> list[ClosedUtterance]:
+        """The utterances closed since the last call, in order (``report_closes``)."""
+        closed, self._closed = self._closed, []
+        return closed
 
     def finish(self) -> tuple[Output, EarshotError | None]:
         """End of stream: flush decoder, resampler and detectors, close every
@@ -445,7 +485,9 @@ class StreamSession:
         ch.stabilizer.reset()
         if announce and self.params.vad_events:
             out.events.append(
-                SpeechStartedEvent(ch.index, self.channels, ch.open_start / SAMPLE_RATE)
+                SpeechStartedEvent(
+                    ch.index, self.channels, ch.open_start / SAMPLE_RATE, ch.utterance
+                )
             )
 
     def _window(self, ch: _Channel, start: int, end: int, *, final: bool) -> Window:
@@ -486,7 +528,13 @@ class StreamSession:
         )
 
     def _close(
-        self, ch: _Channel, at: int, *, speech_final: bool, from_finalize: bool = False
+        self,
+        ch: _Channel,
+        at: int,
+        *,
+        speech_final: bool,
+        from_finalize: bool = False,
+        decode: bool = True,
     ) -> Output:
         out = Output()
         assert ch.open_start is not None
@@ -495,7 +543,11 @@ class StreamSession:
         ch.open_start = None
         ch.last_end = end
         utt = ch.utterance
-        if end - start < self.settings.min_final_s * SAMPLE_RATE:
+        if self.report_closes:
+            self._closed.append(
+                ClosedUtterance(ch.index, utt, end / SAMPLE_RATE, from_finalize, not decode)
+            )
+        if not decode or end - start < self.settings.min_final_s * SAMPLE_RATE:
             # Too short to hold a word: nothing to decode, but keep the order.
             window = Window(audio=np.zeros(0, np.float32))
             req = DecodeRequest(
@@ -536,7 +588,7 @@ class StreamSession:
                 ch.previous_text = (ch.previous_text + " " + hyp.text.strip()).strip()[-2000:]
                 if words:
                     ch.last_word_end = words[-1].end
-            elif req.utterance in ch.interims_sent:
+            elif req.utterance in ch.interims_sent or self.report_closes:
                 # The client saw interims for this utterance: close it visibly.
                 empty = Hypothesis("", (), (), "", 0.0, 1.0)
                 events.append(self._transcript(req, empty, (), is_final=True, stable=0))

@@ -191,6 +191,10 @@ class LiveStream:
         """Close the open utterances now (Deepgram's Finalize, OpenAI's commit)."""
         self._submit(self.session.finalize())
 
+    def discard(self) -> None:
+        """Drop the open utterances undecoded (OpenAI's ``input_audio_buffer.clear``)."""
+        self._submit(self.session.discard())
+
     def reconfigure(self, params: StreamParams) -> None:
         """Start over with ``params``: only before any audio was received."""
         if self.session.received_seconds > 0:
