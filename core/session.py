@@ -298,12 +298,14 @@ class StreamSession:
             self._t0 = self._clock() if self._clock is not None else 0.0
         return self._ingest(self._audio.push(payload), interims_allowed)
 
-    def finalize(self) -> Output:
+    def finalize(self, *, at_end: bool = False) -> Output:
         """Close every open utterance now (the client's ``Finalize``).
 
         Where speech is still under way, the cut goes at the quietest point of
         the last ``finalize_search_s`` seconds, so no word is split; speech
-        after the cut opens the next utterance.
+        after the cut opens the next utterance. ``at_end``: the cut goes at
+        the end of the audio received, whatever it holds (OpenAI's commit:
+        the client decides where its audio ends).
         """
         out = Output()
         for ch in self._channels:
@@ -311,7 +313,7 @@ class StreamSession:
                 continue
             now = ch.buffer.total
             cut = now
-            if ch.vad.is_speech:
+            if ch.vad.is_speech and not at_end:
                 lo = max(
                     ch.open_start / SAMPLE_RATE, now / SAMPLE_RATE - self.settings.finalize_search_s
                 )

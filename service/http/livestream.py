@@ -187,9 +187,10 @@ class LiveStream:
         self._submit(self.session.push(data, interims_allowed=self._interims_allowed))
         self._emit(self.session.check_lag())
 
-    def finalize(self) -> None:
-        """Close the open utterances now (Deepgram's Finalize, OpenAI's commit)."""
-        self._submit(self.session.finalize())
+    def finalize(self, *, at_end: bool = False) -> None:
+        """Close the open utterances now (Deepgram's Finalize, OpenAI's commit
+        with ``at_end``: see StreamSession.finalize)."""
+        self._submit(self.session.finalize(at_end=at_end))
 
     def discard(self) -> None:
         """Drop the open utterances undecoded (OpenAI's ``input_audio_buffer.clear``)."""

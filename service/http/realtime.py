@@ -313,13 +313,13 @@ class RealtimeStream(LiveStream):
             )
         self._uncommitted = False
         if self.manual:
-            self.finalize()
+            self.finalize(at_end=True)
             self._drain()
             item, self._open_item = self._open_item, _Item(self.ids.item())
             self._seal(item)
             return
         before = self._previous_item
-        self.finalize()
+        self.finalize(at_end=True)
         self._drain()
         if self._previous_item == before:
             # No speech was open: the committed audio holds no words.
