@@ -564,6 +564,8 @@ def session_object(config: SessionConfig, variant: Variant, session_id: str) -> 
             "input_audio_noise_reduction": None,
             "include": list(config.include),
             "modalities": ["text"],
+            # No ephemeral key is issued: the connection's own key is the credential.
+            "client_secret": {"value": "", "expires_at": 0},
         }
     return {
         "type": "transcription",
