@@ -23,10 +23,12 @@ import pytest
 import earshot.core.audio as audio_mod
 import earshot.core.errors as errors_mod
 import earshot.core.protocol as protocol_mod
+import earshot.core.realtime as realtime_mod
 import earshot.core.session as session_mod
 import earshot.service.engine.scheduler as scheduler_mod
 import earshot.service.http.listen as server_mod
 import earshot.service.http.livestream as livestream_mod
+import earshot.service.http.realtime as realtime_server_mod
 from earshot.core.audio import (
     ENCODINGS,
     MAX_CHANNELS,
@@ -70,16 +72,20 @@ ERROR_MODULES: tuple[ModuleType, ...] = (
     server_mod,
     livestream_mod,
     scheduler_mod,
+    realtime_mod,
+    realtime_server_mod,
 )
 
 _FENCE = re.compile(r"^```json[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
-_MARKER = re.compile(r"<!--\s*example:\s*(client|server|http\s+(\d{3}))\s*-->")
+_MARKER = re.compile(
+    r"<!--\s*example:\s*((?:realtime\s+)?client|(?:realtime\s+)?server|http\s+(\d{3}))\s*-->"
+)
 
 
 @dataclass(frozen=True)
 class Example:
     line: int
-    direction: str  # client, server or http
+    direction: str  # client, server, http, realtime-client or realtime-server
     status: int | None
     data: Any
 
@@ -102,7 +108,8 @@ def examples() -> tuple[Example, ...]:
         before = text[: match.start()].rstrip().splitlines()
         marker = _MARKER.fullmatch(before[-1].strip()) if before else None
         assert marker, f"docs/protocol.md line {line}: no <!-- example: ... --> marker"
-        direction = marker.group(1).split()[0]
+        words = marker.group(1).split()
+        direction = "-".join(words) if words[0] == "realtime" else words[0]
         status = int(marker.group(2)) if marker.group(2) else None
         found.append(Example(line, direction, status, data))
     return tuple(found)
@@ -246,7 +253,13 @@ def shape(value: Any) -> Any:
 def test_every_json_block_parses_and_is_marked() -> None:
     found = examples()
     assert len(found) >= 10
-    assert {e.direction for e in found} == {"client", "server", "http"}
+    assert {e.direction for e in found} == {
+        "client",
+        "server",
+        "http",
+        "realtime-client",
+        "realtime-server",
+    }
     assert len(_FENCE.findall(doc_text())) == len(found)
     # No other fenced block claims to be JSON under another spelling.
     assert not re.search(r"^```(JSON|js|javascript)\s*$", doc_text(), re.MULTILINE)
@@ -495,3 +508,49 @@ def test_close_code_table() -> None:
         if cls.ws_close_code not in (1011, 4400):  # those rows describe whole families
             row = next(r for r in rows if int(r[0]) == cls.ws_close_code)
             assert f"`{cls.code}`" in row[2], f"{cls.code} not named for {cls.ws_close_code}"
+
+
+# -- OpenAI Realtime --------------------------------------------------------------
+
+REALTIME_SERVER_EVENTS = {
+    "session.created",
+    "session.updated",
+    "transcription_session.created",
+    "transcription_session.updated",
+    "input_audio_buffer.speech_started",
+    "input_audio_buffer.speech_stopped",
+    "input_audio_buffer.committed",
+    "input_audio_buffer.cleared",
+    "conversation.item.input_audio_transcription.delta",
+    "conversation.item.input_audio_transcription.completed",
+    "error",
+}
+
+
+def test_realtime_examples() -> None:
+    """The client examples are events the server reads (and settings it takes);
+    the server examples are events it sends, with defined error codes."""
+    text = section("OpenAI Realtime (`/v1/realtime`)")
+    client = [e for e in examples() if e.direction == "realtime-client"]
+    server = [e for e in examples() if e.direction == "realtime-server"]
+    assert client and server
+    config = realtime_mod.default_config("base", threshold=0.5, prefix_padding_ms=200)
+    for e in client:
+        ev = realtime_mod.parse_client_event(json.dumps(e.data))
+        if ev.session is not None:
+            beta = ev.type == "transcription_session.update"
+            config = realtime_mod.apply_update(config, ev.session, beta_event=beta)
+    shown = {e.data["type"] for e in client}
+    assert shown == set(realtime_mod.SUPPORTED_EVENTS)
+    for kind in (*realtime_mod.SUPPORTED_EVENTS, *realtime_mod.UNSUPPORTED_EVENTS):
+        assert f"`{kind}`" in text, kind
+    for e in server:
+        assert e.data["type"] in REALTIME_SERVER_EVENTS, f"line {e.line}"
+        assert isinstance(e.data["event_id"], str)
+        if e.data["type"] == "error":
+            assert set(e.data["error"]) == {"type", "code", "message", "param", "event_id"}
+            assert e.data["error"]["code"] in error_classes(), f"line {e.line}"
+    assert {e.data["type"] for e in server} >= REALTIME_SERVER_EVENTS - {
+        "transcription_session.created",
+        "transcription_session.updated",
+    }
