@@ -260,7 +260,8 @@ def twilio_signature(auth_token: str, url: str, params: Mapping[str, str] | None
     """What Twilio puts in ``X-Twilio-Signature``: base64 of HMAC-SHA1, keyed
     with the account's auth token, over the full URL followed by each POST
     parameter's name and value in name order (a websocket upgrade has none)."""
-    message = url + "".join(k + params[k] for k in sorted(params or {}))
+    fields = params or {}
+    message = url + "".join(k + fields[k] for k in sorted(fields))
     digest = hmac.new(auth_token.encode("utf-8"), message.encode("utf-8"), hashlib.sha1).digest()
     return base64.b64encode(digest).decode("ascii")
 

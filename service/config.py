@@ -129,6 +129,34 @@ class Config:
         False, "allow a non-loopback host with no API keys configured (unsafe)"
     )
 
+    # Twilio Media Streams at /v1/twilio (docs/protocol.md, docs/auth.md).
+    twilio_auth_token: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "help": "the Twilio account's auth token: /v1/twilio then requires a valid "
+            "X-Twilio-Signature (prefer EARSHOT_TWILIO_AUTH_TOKEN)"
+        },
+    )
+    twilio_stream_url: str = _f(
+        "",
+        "the URL of /v1/twilio as written in the TwiML (wss://HOST/v1/twilio), which "
+        "X-Twilio-Signature signs (empty: the URL the request came to, as ws:// and wss://)",
+    )
+    twilio_webhook_url: str = field(
+        default="",
+        repr=False,
+        metadata={"help": "http(s) URL that every final of every Twilio call is POSTed to"},
+    )
+    twilio_interim_results: bool = _f(True, "send interim results of Twilio calls to subscribers")
+    twilio_subscriber_wait_s: float = _f(
+        30.0, "how long a call's subscriber waits for the call to start"
+    )
+    twilio_max_subscribers: int = _f(8, "subscribers per call, at most")
+    twilio_subscriber_queue: int = _f(
+        256, "messages queued for a slow subscriber before it is dropped"
+    )
+
     # Sovereignty (docs/sovereignty.md): remote fallback, on-prem-only mode, audit.
     on_prem_only: bool = _f(
         False,
@@ -251,6 +279,21 @@ def _validate(cfg: Config) -> Config:
         ("body_timeout_s", cfg.body_timeout_s > 0, "above 0"),
         ("max_pending_connections", cfg.max_pending_connections >= 1, "at least 1"),
         ("device", cfg.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+        ("twilio_subscriber_wait_s", cfg.twilio_subscriber_wait_s > 0, "above 0"),
+        ("twilio_max_subscribers", cfg.twilio_max_subscribers >= 1, "at least 1"),
+        ("twilio_subscriber_queue", cfg.twilio_subscriber_queue >= 8, "at least 8"),
+        (
+            "twilio_webhook_url",
+            cfg.twilio_webhook_url == ""
+            or cfg.twilio_webhook_url.lower().startswith(("http://", "https://")),
+            "an http:// or https:// URL",
+        ),
+        (
+            "twilio_stream_url",
+            cfg.twilio_stream_url == ""
+            or cfg.twilio_stream_url.lower().startswith(("ws://", "wss://")),
+            "a ws:// or wss:// URL",
+        ),
     ]
     for name, ok, allowed in checks:
         if not ok:

@@ -111,9 +111,7 @@ def test_every_known_event_parses() -> None:
             "tracks",
         ),
         (
-            json.dumps(
-                start_message(mediaFormat={"encoding": "audio/l16", "sampleRate": 8000})
-            ),
+            json.dumps(start_message(mediaFormat={"encoding": "audio/l16", "sampleRate": 8000})),
             TwilioMediaFormatError,
             "mediaFormat",
         ),
@@ -162,9 +160,10 @@ def test_signature_is_hmac_sha1_of_the_url_in_base64() -> None:
     # With POST parameters: the URL, then each name and value in name order.
     params = {"To": "+1", "CallSid": "CA1", "Digits": "5"}
     signed = b"https://a/b" + b"CallSidCA1" + b"Digits5" + b"To+1"
-    assert twilio_signature(token, "https://a/b", params) == base64.b64encode(
-        hmac.new(b"12345", signed, hashlib.sha1).digest()
-    ).decode()
+    assert (
+        twilio_signature(token, "https://a/b", params)
+        == base64.b64encode(hmac.new(b"12345", signed, hashlib.sha1).digest()).decode()
+    )
     assert signature_matches(token, expected, ["ws://other/v1/twilio", url])
     assert not signature_matches(token, expected, ["wss://asr.example.com/v1/twilio?x=1"])
     assert not signature_matches("other", expected, [url])

@@ -17,6 +17,7 @@ See docs/auth.md.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import itertools
@@ -32,7 +33,7 @@ from earshot.core.errors import ConfigError, EarshotError, ForbiddenOriginError,
 from earshot.core.openai_wire import error_envelope, is_openai_path
 from earshot.core.protocol import error_message
 from earshot.service.config import Config, split_list
-from earshot.service.http.context import ENGINE
+from earshot.service.http.context import DEFERRED_AUTH, ENGINE, DeferredAuth
 from earshot.service.http.demo import DEMO_PATHS
 from earshot.service.http.livestream import STREAM_PATHS
 from earshot.service.http.metrics import METRICS
@@ -40,6 +41,11 @@ from earshot.service.http.metrics import METRICS
 OPEN_PATHS = frozenset({"/healthz", "/readyz"}) | DEMO_PATHS
 """Paths answered without a key or an origin check (load balancers, probes,
 and the browser demo's page and assets, whose user types the key into it)."""
+
+DEFERRED_AUTH_PATHS = frozenset({"/v1/twilio"})
+"""Paths whose handler checks the key itself, from what the auth middleware
+leaves in ``request[DEFERRED_AUTH]``: Twilio's ``<Stream>`` cannot send an
+``Authorization`` header, so its key comes in the ``start`` message."""
 
 TOKEN_SUBPROTOCOL = "token"
 """The websocket subprotocol that announces a key in the next subprotocol."""
@@ -90,6 +96,10 @@ def key_matches(candidate: str, keys: Sequence[str]) -> bool:
     for key in keys:
         found |= hmac.compare_digest(given, key.encode("utf-8"))
     return found
+
+
+def _matches(keys: Sequence[str], candidate: str) -> bool:
+    return key_matches(candidate, keys)
 
 
 def _parse_origins(raw: str) -> frozenset[str]:
@@ -211,6 +221,10 @@ class _Auth:
             ok = False
             for candidate in offered:
                 ok |= key_matches(candidate, self.keys)
+            if request.path in DEFERRED_AUTH_PATHS:
+                # The handler decides (docs/auth.md, "Twilio Media Streams").
+                request[DEFERRED_AUTH] = DeferredAuth(ok, functools.partial(_matches, self.keys))
+                return await handler(request)
             if not ok:
                 reason = "wrong API key" if offered else "missing API key"
                 err = UnauthorizedError(
