@@ -35,7 +35,7 @@ try:
         RealtimeErrorEvent,
         SessionCreatedEvent,
     )
-    from websockets.exceptions import InvalidStatus
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
 except ImportError as exc:  # pragma: no cover - depends on the environment
     pytest.skip(f"the openai SDK's realtime client is missing: {exc}", allow_module_level=True)
 
@@ -234,6 +234,46 @@ def test_server_vad_settings_in_effect() -> None:
             assert updated["session"]["audio"]["input"]["noise_reduction"] is None
             assert "session.audio.input.noise_reduction" in updated["earshot"]["ignored_parameters"]
             assert updated["earshot"]["settings"]["endpointing"] == 100
+
+    asyncio.run(main())
+
+
+def test_commit_under_server_vad_closes_the_open_utterance() -> None:
+    """A commit while speech is under way commits it at the end of the audio
+    appended (committed, no speech_stopped); item ids follow one another."""
+    words = ["alpha", "bravo", "charlie", "delta"]
+    speech, _ = make_speech([words], 24000, tail_s=0.0)
+
+    async def main() -> None:
+        async with running_server(tone_engine()) as url, realtime(url) as conn:
+            r = Reader(conn)
+            await conn.session.update(session=vad_session())
+            await r.count("session.updated", 1)
+            await send_paced(conn, pcm16(speech), 4800)
+            started = (await r.count("input_audio_buffer.speech_started", 1))[0]
+            await conn.input_audio_buffer.commit()
+            done = await r.count(COMPLETED, 1)
+            assert done[0]["transcript"] == " ".join(words)
+            (commit,) = r.of("input_audio_buffer.committed")
+            assert commit["item_id"] == started["item_id"] == done[0]["item_id"]
+            assert not r.of("input_audio_buffer.speech_stopped")
+            assert started["item_id"].startswith("item_") and started["item_id"].endswith("_1")
+
+    asyncio.run(main())
+
+
+def test_a_fatal_error_is_an_openai_error_event_before_the_close() -> None:
+    async def main() -> None:
+        engine = tone_engine(idle_timeout_s=0.5)
+        async with running_server(engine) as url, realtime(url) as conn:
+            r = Reader(conn)
+            await r.count("session.created", 1)
+            err = (await r.count("error", 1, timeout=10))[0]
+            assert err["error"]["code"] == "idle_timeout"
+            assert err["error"]["type"] == "invalid_request_error"
+            with pytest.raises(ConnectionClosed) as info:
+                await asyncio.wait_for(conn.recv(), 10)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 4408
 
     asyncio.run(main())
 

@@ -135,7 +135,7 @@ class RealtimeStream(LiveStream):
         self._previous_item: str | None = None
         self._by_utterance: dict[int, _Item] = {}
         self._discarded: set[int] = set()
-        self._open_item = _Item(self.ids.item())
+        self._current: _Item | None = None
 
     # -- settings ---------------------------------------------------------------
 
@@ -187,8 +187,8 @@ class RealtimeStream(LiveStream):
         # The stream ends (the server stops, or a limit): the audio since the
         # last commit is committed, so that no transcript is lost.
         self._drain()
-        if self.manual and self._open_item.utterances:
-            self._seal(self._open_item)
+        if self.manual and self._current is not None and self._current.utterances:
+            self._seal(self._current)
         return []
 
     def render(self, ev: Event) -> list[dict[str, Any]]:
@@ -315,7 +315,7 @@ class RealtimeStream(LiveStream):
         if self.manual:
             self.finalize(at_end=True)
             self._drain()
-            item, self._open_item = self._open_item, _Item(self.ids.item())
+            item, self._current = self._open_item, None
             self._seal(item)
             return
         before = self._previous_item
@@ -328,15 +328,22 @@ class RealtimeStream(LiveStream):
     def _clear(self) -> None:
         self.discard()
         self._drain()
-        if self.manual:
+        if self.manual and self._current is not None:
             self._discarded.update(
-                u for u in self._open_item.utterances if u not in self._open_item.finals
+                u for u in self._current.utterances if u not in self._current.finals
             )
-            self._open_item = _Item(self.ids.item())
+            self._current = None
         self._uncommitted = False
         self.send(cleared(self.ids.event()))
 
     # -- items ------------------------------------------------------------------
+
+    @property
+    def _open_item(self) -> _Item:
+        """Without turn detection, the item the audio since the last commit makes."""
+        if self._current is None:
+            self._current = _Item(self.ids.item())
+        return self._current
 
     def _item_of(self, utterance: int) -> _Item:
         if self.manual:
@@ -380,8 +387,9 @@ class RealtimeStream(LiveStream):
 
     def _on_final(self, ev: TranscriptEvent) -> None:
         if self.manual:
-            items = [*self._by_utterance.values(), self._open_item]
-            item = next((i for i in items if ev.utterance in i.utterances), self._open_item)
+            items = [*self._by_utterance.values(), *([self._current] if self._current else [])]
+            found = next((i for i in items if ev.utterance in i.utterances), None)
+            item = found or self._open_item
             if ev.utterance not in item.utterances:
                 item.utterances.append(ev.utterance)
         else:
