@@ -338,7 +338,7 @@ def _format(value: Any, path: str, *, ga: bool) -> AudioName:
                 field=f"{path}.rate",
             )
         return name  # type: ignore[return-value]
-    if value not in AUDIO_FORMATS:
+    if not isinstance(value, str) or value not in AUDIO_FORMATS:
         raise _event_error(
             InvalidParameterError,
             f"{path} must be one of {', '.join(AUDIO_FORMATS)}, not {value!r}",

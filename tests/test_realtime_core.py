@@ -9,6 +9,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from earshot.clients.audio import encode_audio
 from earshot.core.decoding import DecodeOptions
@@ -326,3 +328,62 @@ def test_stream_params_default_is_24khz_pcm16() -> None:
     )  # fmt: skip
     assert (params.audio.encoding, params.audio.sample_rate) == ("linear16", 24000)
     assert base64.b64encode(b"") == b""
+
+
+# -- fuzzing ----------------------------------------------------------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+_keys = st.sampled_from(
+    ["type", "audio", "input", "format", "transcription", "turn_detection", "rate", "language",
+     "prompt", "keywords", "threshold", "silence_duration_ms", "prefix_padding_ms",
+     "input_audio_format", "input_audio_transcription", "include", "noise_reduction", "model"]
+)  # fmt: skip
+_sessions = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-10, 100_000)
+    | st.floats()
+    | st.sampled_from(
+        ["transcription", "realtime", "server_vad", "audio/pcm", "audio/pcmu", "pcm16", "en", ""]
+    ),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_keys, inner, max_size=5),
+    max_leaves=25,
+)
+
+
+def _coded(exc: EarshotError) -> None:
+    assert exc.code and exc.code == exc.code.lower() and " " not in exc.code
+    json.dumps(error_event(exc, "e"), allow_nan=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=200), _json.map(json.dumps)))
+def test_any_text_is_an_event_or_a_coded_error(text: str) -> None:
+    try:
+        ev = parse_client_event(text)
+    except EarshotError as exc:
+        _coded(exc)
+    else:
+        assert ev.type in ("session.update", "transcription_session.update") or ev.session is None
+
+
+@settings(max_examples=400, deadline=None)
+@given(_sessions, st.booleans())
+def test_any_session_update_is_settings_or_a_coded_error(session: Any, beta: bool) -> None:
+    try:
+        cfg = apply_update(BASE, session, beta_event=beta)
+    except EarshotError as exc:
+        _coded(exc)
+        return
+    params = stream_params(cfg)
+    assert params.interim_results
+    assert params.endpointing_ms is None or 100 <= params.endpointing_ms <= 10_000
+    vad = vad_overrides(cfg)
+    assert not vad or (0 < vad["vad_threshold"] < 1 and 0 <= vad["speech_pad_ms"] <= 1000)
+    json.dumps(session_event("updated", cfg, "beta" if beta else "ga", "s", "e"), allow_nan=False)
