@@ -344,7 +344,7 @@ def _format(value: Any, path: str, *, ga: bool) -> AudioName:
             f"{path} must be one of {', '.join(AUDIO_FORMATS)}, not {value!r}",
             field=path,
         )
-    return value  # type: ignore[no-any-return]
+    return value  # type: ignore[return-value]
 
 
 def _include(value: Any, path: str) -> tuple[str, ...]:
