@@ -25,10 +25,12 @@ import earshot.core.errors as errors_mod
 import earshot.core.protocol as protocol_mod
 import earshot.core.realtime as realtime_mod
 import earshot.core.session as session_mod
+import earshot.core.twilio as twilio_mod
 import earshot.service.engine.scheduler as scheduler_mod
 import earshot.service.http.listen as server_mod
 import earshot.service.http.livestream as livestream_mod
 import earshot.service.http.realtime as realtime_server_mod
+import earshot.service.http.twilio as twilio_server_mod
 from earshot.core.audio import (
     ENCODINGS,
     MAX_CHANNELS,
@@ -74,18 +76,21 @@ ERROR_MODULES: tuple[ModuleType, ...] = (
     scheduler_mod,
     realtime_mod,
     realtime_server_mod,
+    twilio_mod,
+    twilio_server_mod,
 )
 
 _FENCE = re.compile(r"^```json[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 _MARKER = re.compile(
-    r"<!--\s*example:\s*((?:realtime\s+)?client|(?:realtime\s+)?server|http\s+(\d{3}))\s*-->"
+    r"<!--\s*example:\s*((?:(?:realtime|twilio)\s+)?client|(?:(?:realtime|twilio)\s+)?server"
+    r"|http\s+(\d{3}))\s*-->"
 )
 
 
 @dataclass(frozen=True)
 class Example:
     line: int
-    direction: str  # client, server, http, realtime-client or realtime-server
+    direction: str  # client, server, http, realtime- or twilio-client or -server
     status: int | None
     data: Any
 
@@ -109,7 +114,7 @@ def examples() -> tuple[Example, ...]:
         marker = _MARKER.fullmatch(before[-1].strip()) if before else None
         assert marker, f"docs/protocol.md line {line}: no <!-- example: ... --> marker"
         words = marker.group(1).split()
-        direction = "-".join(words) if words[0] == "realtime" else words[0]
+        direction = "-".join(words) if words[0] in ("realtime", "twilio") else words[0]
         status = int(marker.group(2)) if marker.group(2) else None
         found.append(Example(line, direction, status, data))
     return tuple(found)
@@ -163,7 +168,7 @@ def error_classes() -> dict[str, type[EarshotError]]:
 def warning_codes() -> set[str]:
     """The codes of every WarningEvent the session and server create."""
     codes: set[str] = set()
-    for module in (session_mod, server_mod, livestream_mod, scheduler_mod):
+    for module in (session_mod, server_mod, livestream_mod, scheduler_mod, twilio_server_mod):
         tree = ast.parse(inspect.getsource(module))
         for node in ast.walk(tree):
             if (
@@ -259,6 +264,8 @@ def test_every_json_block_parses_and_is_marked() -> None:
         "http",
         "realtime-client",
         "realtime-server",
+        "twilio-client",
+        "twilio-server",
     }
     assert len(_FENCE.findall(doc_text())) == len(found)
     # No other fenced block claims to be JSON under another spelling.
@@ -339,7 +346,7 @@ def test_metadata_examples_have_the_serialised_shape() -> None:
 def test_warning_and_error_examples_use_defined_codes() -> None:
     errors = error_classes()
     for e in examples():
-        if e.direction == "client":
+        if e.direction in ("client", "twilio-client"):
             continue
         kind = e.data["type"]
         if kind == "Warning":
@@ -554,3 +561,41 @@ def test_realtime_examples() -> None:
         "transcription_session.created",
         "transcription_session.updated",
     }
+
+
+TWILIO_SERVER_MESSAGES = frozenset({"CallStarted", "CallEnded", "Results", "Warning", "Error"})
+
+
+def test_twilio_examples() -> None:
+    """The Twilio client examples are messages the server reads; the server
+    examples are what the subscriber endpoint sends, in the serialisers' shapes."""
+    text = section("Twilio Media Streams (`/v1/twilio`)")
+    client = [e for e in examples() if e.direction == "twilio-client"]
+    server = [e for e in examples() if e.direction == "twilio-server"]
+    read = [twilio_mod.parse_message(json.dumps(e.data)) for e in client]
+    assert {type(m).__name__ for m in read} == {
+        "Connected", "Start", "Media", "Mark", "Dtmf", "Stop"
+    }  # fmt: skip
+    for event in twilio_mod.KNOWN_EVENTS:
+        assert f"`{event}`" in text, event
+    shown = {e.data["type"] for e in server}
+    assert shown == TWILIO_SERVER_MESSAGES
+    results = shape(sample_messages()["Results"])
+    for e in server:
+        kind = e.data["type"]
+        if kind == "Results":
+            data = json.loads(json.dumps(e.data))  # examples() is cached: not in place
+            assert data["earshot"].pop("track") in twilio_mod.TRACKS
+            assert shape(data) == results, f"line {e.line}"
+        if kind in ("Warning", "Error"):
+            codes = warning_codes() if kind == "Warning" else set(error_classes())
+            assert e.data["code"] in codes, f"line {e.line}"
+        if kind == "CallStarted":
+            assert set(e.data) == {
+                "type", "call_sid", "stream_sid", "tracks", "custom_parameters", "earshot"
+            }  # fmt: skip
+            assert e.data["custom_parameters"] == twilio_mod.public_parameters(
+                e.data["custom_parameters"]
+            )
+        if kind == "CallEnded":
+            assert set(e.data) == {"type", "call_sid", "reason"}
