@@ -19,6 +19,9 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession, WSServerHandshakeError, web
 
+from earshot.core.errors import EgressRefusedError
+from earshot.service.config import load_config
+from earshot.service.engine.startup import check_sovereignty
 from earshot.service.http.twilio import CALLS, CallHub, webhook_refusal
 from earshot.service.sovereignty import build_guard, guarded
 from tests.kit.live import running_server, tone_engine
@@ -571,3 +574,29 @@ def test_without_a_guard_on_prem_only_mode_still_refuses_a_webhook() -> None:
     assert why is not None and "hooks.example.com" in why and "secret" not in why
     assert webhook_refusal(engine, "ftp://10.20.1.2/x") is not None
     assert webhook_refusal(tone_engine(), "https://hooks.example.com/x") is None
+
+
+def test_on_prem_only_mode_refuses_a_configured_webhook_outside_allowed_networks() -> None:
+    cfg = load_config(
+        env={},
+        overrides={
+            "on_prem_only": True,
+            "allowed_networks": "10.20.0.0/16",
+            "twilio_webhook_url": "https://hooks.example.com/calls?key=abc",
+        },
+    )
+    with pytest.raises(EgressRefusedError) as info:
+        check_sovereignty(cfg)
+    assert info.value.details["setting"] == "twilio_webhook_url"
+    assert "hooks.example.com" in info.value.message and "abc" not in info.value.message
+    check_sovereignty(
+        load_config(
+            env={},
+            overrides={
+                "on_prem_only": True,
+                "allowed_networks": "10.20.0.0/16",
+                "twilio_webhook_url": "http://10.20.0.7/hook",
+            },
+        )
+    )
+    assert "twilio_webhook_url" not in repr(cfg) and "twilio_auth_token" not in repr(cfg)

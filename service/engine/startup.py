@@ -4,8 +4,8 @@ In order, each a refusal with a message naming the setting at fault:
 
 1. the bind policy (service/http/auth.py): no keys, no listening beyond loopback;
 2. the sovereignty policy: in on-prem-only mode no hub downloads
-   (``allow_download``) and no remote backend outside ``allowed_networks``
-   (``remote_url``);
+   (``allow_download``) and no remote backend or webhook outside
+   ``allowed_networks`` (``remote_url``, ``twilio_webhook_url``);
 3. the model: a folder with a record (``earshot-model.json``) must match it,
    byte for byte (every recorded file is hashed again), unless
    ``allow_unverified_model``.
@@ -51,6 +51,8 @@ def check_sovereignty(cfg: Config) -> AllowedNetworks:
         )
     if cfg.remote_url:
         check_destination(remote_settings(cfg).base_url, allowed, setting="remote_url")
+    if cfg.twilio_webhook_url:
+        check_destination(cfg.twilio_webhook_url, allowed, setting="twilio_webhook_url")
     return allowed
 
 
