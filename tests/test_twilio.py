@@ -167,6 +167,32 @@ def test_two_tracks_reach_subscribers_as_two_channels() -> None:
     assert hub.calls == {}
 
 
+@pytest.mark.parametrize("stop", [True, False])
+def test_finals_reach_subscribers_when_twilio_hangs_up_at_once(stop: bool) -> None:
+    # Twilio closes its socket right after `stop` (or drops it without one):
+    # the words said just before are still decoded for the subscribers.
+    call = two_track_call(tail_s=0.15)
+
+    async def main() -> Followed:
+        async with serve() as server, ClientSession() as http:
+            sub = await subscribe(http, server.events(call.call_sid))
+            ws = await http.ws_connect(server.twilio)
+            await ws.send_str(call.connected())
+            await ws.send_str(call.start())
+            await play(ws, call.ticks(), realtime=False)
+            if stop:
+                await ws.send_str(call.stop())
+            await ws.close()
+            return await asyncio.wait_for(sub, 30)
+
+    followed = run(main)
+    assert followed.texts(0) == texts(INBOUND)
+    assert followed.texts(1) == texts(OUTBOUND)
+    ended = followed.messages[-1]
+    assert ended["type"] == "CallEnded" and ended["reason"] == ("stop" if stop else "disconnected")
+    assert followed.close_code == 1000
+
+
 def test_a_one_track_call() -> None:
     inbound, _ = make_speech([["golf", "hotel"]], 8000, lead_s=0.3, tail_s=0.8)
     call = TwilioCall({"inbound": mulaw_tracks(inbound)[0]})

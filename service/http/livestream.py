@@ -78,6 +78,11 @@ class LiveStream:
     protocol: ClassVar[str] = "deepgram"
     """The wire protocol's label in metrics and logs."""
 
+    results_outlive_client: ClassVar[bool] = False
+    """True where the stream's results go elsewhere than its own websocket
+    (Twilio's go to the call's subscribers): its last finals are then decoded
+    even when the client has closed or dropped its socket."""
+
     def __init__(
         self,
         engine: Engine,
@@ -444,7 +449,7 @@ class LiveStream:
         if close_code == CLOSE_CLIENT_NOT_READING:
             client_gone = True  # its buffers are full: nothing more would be read
         try:
-            if not client_gone:
+            if not client_gone or self.results_outlive_client:
                 await self._flush()
         finally:
             for fut in list(self._futures):
@@ -518,7 +523,7 @@ class LiveStream:
         finals = asyncio.create_task(self._finals_done.wait())
         try:
             await asyncio.wait(
-                {reader, finals},
+                {finals} if self.results_outlive_client else {reader, finals},
                 timeout=self.engine.config.flush_timeout_s,
                 return_when=asyncio.FIRST_COMPLETED,
             )

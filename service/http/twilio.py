@@ -369,6 +369,7 @@ class TwilioStream(LiveStream):
     out to its subscribers and webhook, its errors also on Twilio's socket."""
 
     protocol = "twilio"
+    results_outlive_client = True  # the subscribers read them, not Twilio
 
     def __init__(
         self,
