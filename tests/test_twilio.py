@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -467,7 +468,7 @@ def test_x_twilio_signature_is_checked_when_an_auth_token_is_set() -> None:
     assert statuses[5:] == [401, 1000]
 
 
-def test_an_api_key_in_the_start_parameters() -> None:
+def test_an_api_key_in_the_start_parameters(caplog: pytest.LogCaptureFixture) -> None:
     key = "k-secret-1"
 
     async def start_with(server: Server, http: ClientSession, params: dict[str, str]) -> Any:
@@ -497,12 +498,18 @@ def test_an_api_key_in_the_start_parameters() -> None:
             out.append((code, followed.texts(1), followed.messages[0]["custom_parameters"]))
         return out
 
-    out = run(main)
+    with caplog.at_level(logging.DEBUG):
+        out = run(main)
     assert out[0] == (["unauthorized"], 4401)
     assert out[1] == (["unauthorized"], 4401)
     assert out[2] == ([], 1000)
     assert out[3] == 401
     assert out[4] == (1000, texts(OUTBOUND), {})
+    # The key is never logged, in a message or a field.
+    assert any(r.getMessage().startswith("stream error unauthorized") for r in caplog.records)
+    for record in caplog.records:
+        assert key not in record.getMessage()
+        assert all(key not in str(v) for v in vars(record).values())
 
 
 # -- webhooks ---------------------------------------------------------------------
