@@ -274,6 +274,26 @@ def test_media_before_start_then_a_second_start() -> None:
     assert followed.messages[-1]["reason"] == "twilio_duplicate_start"
 
 
+def test_a_socket_that_never_starts_is_closed() -> None:
+    call = two_track_call()
+
+    async def main() -> tuple[list[dict[str, Any]], int | None]:
+        async with serve() as server, ClientSession() as http, http.ws_connect(server.twilio) as ws:
+            await ws.send_str(call.connected())
+            await ws.send_str("not json")
+            await ws.send_bytes(b"\x00" * 160)
+            for i in range(60):
+                await ws.send_str(call.media("inbound", i))
+            return await asyncio.wait_for(read_all(ws), 30), ws.close_code
+
+    twilio, close = run(main)
+    codes = [m["code"] for m in twilio]
+    assert codes[:2] == ["twilio_invalid_message", "twilio_invalid_message"]
+    assert codes[2:] == ["twilio_not_started"] * 49  # 50 refused and go on; the 51st ends it
+    assert twilio[-1]["message"].startswith("51 messages and no 'start'")
+    assert close == 4400
+
+
 @pytest.mark.parametrize(
     ("override", "code"),
     [

@@ -440,25 +440,31 @@ class TwilioStream(LiveStream):
     # -- Twilio's messages
 
     def on_binary(self, data: bytes) -> None:
-        self.send_error(
+        self._refuse(
             TwilioMessageError(
                 f"Twilio sends JSON text frames; a binary frame of {len(data)} bytes was ignored"
             )
         )
 
+    def _refuse(self, err: EarshotError) -> None:
+        """Tell of ``err`` and go on; before ``start``, only so many times."""
+        if self.call is None:
+            self._before_start += 1
+            if self._before_start > MAX_MESSAGES_BEFORE_START:
+                raise TwilioNotStartedError(
+                    f"{self._before_start} messages and no 'start' (at most "
+                    f"{MAX_MESSAGES_BEFORE_START})",
+                    limit=MAX_MESSAGES_BEFORE_START,
+                )
+        self.send_error(err)
+
     def _not_started(self, what: str) -> None:
-        self._before_start += 1
-        err = TwilioNotStartedError(
-            f"{what} before 'start': a Twilio stream must send 'start' first",
-            limit=MAX_MESSAGES_BEFORE_START,
-        )
-        if self._before_start > MAX_MESSAGES_BEFORE_START:
-            raise TwilioNotStartedError(
-                f"{self._before_start} messages and no 'start' (at most "
-                f"{MAX_MESSAGES_BEFORE_START})",
+        self._refuse(
+            TwilioNotStartedError(
+                f"{what} before 'start': a Twilio stream must send 'start' first",
                 limit=MAX_MESSAGES_BEFORE_START,
             )
-        self.send_error(err)
+        )
 
     def on_text(self, text: str) -> bool:
         try:
@@ -466,10 +472,7 @@ class TwilioStream(LiveStream):
         except TwilioMessageError as exc:
             if isinstance(exc, TwilioMediaFormatError) or exc.details.get("event") == "start":
                 raise  # a call that cannot be set up
-            if self.call is None:
-                self._not_started("a malformed message")  # counted, then the error itself
-                return True
-            self.send_error(exc)
+            self._refuse(exc)
             return True
         if isinstance(message, Media):
             self._on_media(message)
@@ -699,8 +702,10 @@ async def handle_call_events(request: web.Request) -> web.StreamResponse:
                 if dropped.done() or sub.dropped.is_set():
                     err: EarshotError = SubscriberNotReadingError(
                         f"this subscriber left {sub.limit} messages unread "
-                        "(twilio_subscriber_queue); the call goes on without it",
+                        f"(twilio_subscriber_queue), or one for {cfg.max_unread_s:g} s "
+                        "(max_unread_s); the call goes on without it",
                         limit=sub.limit,
+                        limit_s=cfg.max_unread_s,
                     )
                     close_code, reason = err.ws_close_code, err.code
                     break
