@@ -231,6 +231,7 @@ async def _realtime_party(
     }
     committed: set[str] = set()
     completed: set[str] = set()
+    stopped: set[str] = set()  # items the server's voice detection ended
     sent_all = asyncio.Event()
     end_commit_answered = asyncio.Event()
 
@@ -240,16 +241,20 @@ async def _realtime_party(
             chunk = audio[i * _CHUNK_BYTES : (i + 1) * _CHUNK_BYTES]
             event = {"type": "input_audio_buffer.append", "audio": base64.b64encode(chunk).decode()}
             await ws.send(json.dumps(event))
+        sent_all.set()  # before the commit: its answer may come at once
         await ws.send(json.dumps({"type": "input_audio_buffer.commit", "event_id": "end_of_call"}))
-        sent_all.set()
 
     async def receive() -> None:
         async for raw in ws:
             message = json.loads(raw)
             kind = message.get("type")
-            if kind == "input_audio_buffer.committed":
-                committed.add(str(message.get("item_id")))
-                if sent_all.is_set():
+            if kind == "input_audio_buffer.speech_stopped":
+                stopped.add(str(message.get("item_id")))
+            elif kind == "input_audio_buffer.committed":
+                item = str(message.get("item_id"))
+                committed.add(item)
+                if sent_all.is_set() and item not in stopped:
+                    # Not ended by voice detection: the answer to our last commit.
                     end_commit_answered.set()
             elif kind == "conversation.item.input_audio_transcription.completed":
                 completed.add(str(message.get("item_id")))
