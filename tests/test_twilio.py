@@ -557,7 +557,7 @@ async def webhook_receiver() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
 
 
 def test_finals_are_posted_to_a_webhook_on_loopback() -> None:
-    async def main() -> tuple[list[dict[str, Any]], Followed, CallHub]:
+    async def main() -> tuple[list[dict[str, Any]], Followed, CallHub, str]:
         async with webhook_receiver() as (url, received), serve() as server:
             call = two_track_call(parameters={"earshot_webhook": url})
             async with ClientSession() as http:
@@ -565,9 +565,14 @@ def test_finals_are_posted_to_a_webhook_on_loopback() -> None:
                 _, code = await play_call(http, server, call, realtime=False)
                 assert code == 1000
                 followed = await asyncio.wait_for(sub, 30)
-            return received, followed, server.hub
+                async with http.get(server.http_url + "/metrics") as response:
+                    metrics = await response.text()
+            return received, followed, server.hub, metrics
 
-    received, followed, hub = run(main)
+    received, followed, hub, metrics = run(main)
+    delivered = f'earshot_twilio_events_total{{event="webhook_delivered"}} {len(received)}.0'
+    assert delivered in metrics, metrics
+    assert 'earshot_streams_opened_total{protocol="twilio"} 1.0' in metrics
     assert all(m["type"] == "Results" and m["is_final"] for m in received)
     posted = [
         (m["earshot"]["track"], m["channel"]["alternatives"][0]["transcript"])

@@ -22,10 +22,13 @@ import logging
 import re
 import socket
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout, WSMsgType, web
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from earshot.core.audio import AudioFormat
 from earshot.core.errors import (
@@ -73,6 +76,7 @@ from earshot.core.twilio import (
 from earshot.service.engine.engine import Engine
 from earshot.service.http.context import DEFERRED_AUTH, ENGINE, DeferredAuth, json_error
 from earshot.service.http.livestream import LiveStream, open_stream, refuse
+from earshot.service.http.metrics import METRICS
 from earshot.service.sovereignty import (
     AllowedNetworks,
     check_destination,
@@ -767,3 +771,50 @@ def register_twilio_routes(app: web.Application) -> None:
     )
     app.router.add_get(TWILIO_PATH, handle_twilio)
     app.router.add_get(EVENTS_PATH, handle_call_events)
+    metrics = app.get(METRICS)
+    if metrics is not None:
+        metrics.registry.register(_HubCollector(app[CALLS]))
+
+
+HUB_EVENTS = (
+    "subscribers_dropped",
+    "webhook_delivered",
+    "webhook_failed",
+    "webhook_refused",
+    "webhook_dropped",
+)
+"""What :attr:`CallHub.counts` counts, as ``earshot_twilio_events_total`` labels."""
+
+
+class _HubCollector(Collector):
+    """The call hub's figures at scrape time, for ``/metrics``."""
+
+    def __init__(self, hub: CallHub) -> None:
+        self._hub = hub
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        hub = self._hub
+        calls = list(hub.calls.values())
+        yield GaugeMetricFamily(
+            "earshot_twilio_calls",
+            "Twilio calls with a live stream now.",
+            value=sum(1 for c in calls if c.stream is not None),
+        )
+        yield GaugeMetricFamily(
+            "earshot_twilio_subscribers",
+            "Subscribers of /v1/calls/{callSid}/events connected now (to live or awaited calls).",
+            value=sum(len(c.subscribers) for c in calls),
+        )
+        events = CounterMetricFamily(
+            "earshot_twilio_events",
+            "Call subscribers dropped for not reading, and each final's webhook delivery "
+            "by outcome (delivered, failed, refused by the egress policy, dropped from a "
+            "full queue).",
+            labels=["event"],
+        )
+        for name in sorted({*HUB_EVENTS, *hub.counts}):
+            events.add_metric([name], hub.counts[name])
+        yield events
