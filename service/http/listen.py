@@ -65,12 +65,7 @@ class ListenStream(LiveStream):
     def render(self, ev: Event) -> list[dict[str, Any]]:
         if isinstance(ev, WarningEvent) and not self.params.warnings:
             # Deepgram's SDKs fail on message types they do not know.
-            log.info(
-                "stream warning %s: %s",
-                ev.code,
-                ev.message,
-                extra={"session": self.request_id, "code": ev.code},
-            )
+            self.log_warning(ev)
             return []
         return [event_message(ev, self.request_id, self.engine.model_name)]
 

@@ -239,6 +239,15 @@ class LiveStream:
         )
         self.send(self.render_error(err))
 
+    def log_warning(self, warning: WarningEvent) -> None:
+        """Write ``warning`` to the log (for one the client is not sent)."""
+        log.info(
+            "stream warning %s: %s",
+            warning.code,
+            warning.message,
+            extra={"session": self.request_id, "code": warning.code, "protocol": self.protocol},
+        )
+
     def stop(self) -> None:
         """Ask the stream to end as at a server shutdown (see Engine.shut_down)."""
         self._stopping.set()

@@ -207,12 +207,7 @@ class RealtimeStream(LiveStream):
                 self._on_interim(ev)
         elif isinstance(ev, WarningEvent):
             # The Realtime API has no warnings; the log has them.
-            log.info(
-                "stream warning %s: %s",
-                ev.code,
-                ev.message,
-                extra={"session": self.request_id, "code": ev.code},
-            )
+            self.log_warning(ev)
         return []
 
     def render_error(self, err: EarshotError) -> dict[str, Any]:

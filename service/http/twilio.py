@@ -430,12 +430,7 @@ class TwilioStream(LiveStream):
 
     def warn(self, warning: WarningEvent) -> None:
         """Tell the call's subscribers (and the log) of ``warning``."""
-        log.info(
-            "stream warning %s: %s",
-            warning.code,
-            warning.message,
-            extra={"session": self.request_id, "code": warning.code, "protocol": self.protocol},
-        )
+        self.log_warning(warning)
         self.render(warning)
 
     def log_fields(self) -> dict[str, Any]:
