@@ -19,7 +19,7 @@
 # (or EARSHOT_AUDIT_LOG=- for the container's stderr).
 # The demo page at / needs its address as an allowed origin when opened from
 # another machine: -e EARSHOT_ALLOWED_ORIGINS=https://asr.example.internal
-# (GPU images come with the deployment work: CTranslate2 4.8 needs CUDA 12's cuBLAS.)
+# GPU: Dockerfile.cuda. Kubernetes: deploy/ (docs/deploy.md).
 
 FROM python:3.11-slim-bookworm AS build
 ARG EXTRAS=models
@@ -29,15 +29,15 @@ COPY core ./core
 COPY service ./service
 COPY models ./models
 COPY clients ./clients
-RUN python -m pip install --no-cache-dir --upgrade pip \
- && python -m pip wheel --no-cache-dir --wheel-dir /wheels ".${EXTRAS:+[$EXTRAS]}"
+RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels ".${EXTRAS:+[$EXTRAS]}"
 
 FROM python:3.11-slim-bookworm
 COPY --from=build /wheels /wheels
 RUN python -m pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
  && useradd --system --uid 10001 --home-dir /home/earshot --create-home earshot \
- && mkdir -p /models && chown earshot /models
-USER earshot
+ && mkdir -p /models && chown 10001 /models
+# Numeric, so that Kubernetes' runAsNonRoot can check it.
+USER 10001
 ENV EARSHOT_MODELS_DIR=/models \
     EARSHOT_HOST=0.0.0.0 \
     EARSHOT_PORT=8000 \
@@ -46,6 +46,6 @@ ENV EARSHOT_MODELS_DIR=/models \
 VOLUME ["/models"]
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=3s --start-period=60s \
-  CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status == 200 else 1)"
+  CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status == 200 else 1)"]
 ENTRYPOINT ["earshot"]
 CMD ["serve"]
