@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,17 +57,21 @@ from earshot.clients.audio import (
     fit_audio,
     read_audio_file,
 )
-from earshot.core.errors import CLOSE_NORMAL
+from earshot.clients.resume import DEFAULT_MAX_BUFFER_S, ResumeState
+from earshot.core.errors import CLOSE_GOING_AWAY, CLOSE_NORMAL
 
 __all__ = [
     "BYTES_PER_SAMPLE",
     "CLOSE_NORMAL",
     "DEFAULT_URL",
     "ENCODINGS",
+    "RETRYABLE_CLOSE_CODES",
+    "RETRYABLE_STATUSES",
     "AudioSource",
     "StreamClient",
     "StreamClosedError",
     "StreamConnectError",
+    "StreamConnection",
     "StreamError",
     "StreamProtocolError",
     "StreamRefusedError",
@@ -607,6 +612,48 @@ def _encoded(client: StreamClient, source: AudioSource, sample_rate: int | None)
 # Everything at once
 
 
+RETRYABLE_CLOSE_CODES: Final = frozenset({1001, 1006, 1011, 1012, 1013, 1014, 4503})
+"""Close codes after which :func:`transcribe_stream` reconnects (with
+``reconnect=True``): the server going away (1001), a dropped connection
+(1006, or no close frame at all), a server error (1011), a restart or a
+"try again later" (1012, 1013, 1014), an overloaded server (4503). Never 1000
+(the stream ended) nor the other 4xxx codes (the stream broke a limit or sent
+something wrong: a new connection would fare no better)."""
+
+RETRYABLE_STATUSES: Final = frozenset({502, 503, 504})
+"""HTTP refusals of the upgrade that are retried (``Retry-After`` honoured):
+a full or stopping server (503 ``server_full``, ``server_shutting_down``), or a
+load balancer without a healthy replica. Any other refusal (400, 401, 403...)
+is final."""
+
+
+@dataclass
+class StreamConnection:
+    """One websocket connection of a :func:`transcribe_stream` call (several
+    when it reconnected)."""
+
+    offset_s: float = 0.0
+    """The caller's time of this connection's stream time 0: its Results were
+    shifted by this much."""
+    resent_s: float = 0.0
+    """Seconds of audio re-sent on opening (sent before, not yet in a final)."""
+    opened_s: float = 0.0
+    """When it opened, in seconds from the first connection's opening."""
+    close_code: int | None = None
+    close_reason: str = ""
+    metadata: Message | None = None
+    """Its first ``Metadata`` (each connection has its own ``request_id``)."""
+    last_metadata: Message | None = None
+    """Its last ``Metadata`` (``duration``: the seconds this connection received)."""
+    finals: int = 0
+    """How many finals it delivered."""
+
+    @property
+    def request_id(self) -> str | None:
+        meta = self.metadata
+        return str(meta["request_id"]) if meta and "request_id" in meta else None
+
+
 @dataclass
 class StreamTranscript:
     """What :func:`transcribe_stream` collected.
@@ -615,6 +662,11 @@ class StreamTranscript:
     moment the connection opened; ``started_wall`` is the wall-clock time
     (``time.time()``) of that moment, so ``started_wall + arrival_s[i]`` is
     the wall time message ``i`` arrived.
+
+    After reconnections (``reconnect=True``) the messages of every connection
+    are here in arrival order, with their times (``start``, word times,
+    ``timestamp``, ``last_word_end``) shifted onto one clock, that of the
+    audio sent; :attr:`connections` tells the connections apart.
     """
 
     messages: list[Message] = field(default_factory=list)
@@ -628,14 +680,27 @@ class StreamTranscript:
     metadata: Message | None = None
     """The first ``Metadata``."""
     close_code: int | None = None
+    """The close code of the last connection."""
     close_reason: str = ""
     started_wall: float = 0.0
     audio_seconds: float = 0.0
-    """Seconds of audio sent."""
+    """Seconds of audio sent (of the source: re-sent audio is not counted twice)."""
     audio_start_s: float | None = None
     """When the first audio frame had been sent."""
     audio_end_s: float | None = None
     """When the last audio frame had been sent."""
+    reconnects: int = 0
+    """How many times the stream reconnected (``len(connections) - 1``)."""
+    connections: list[StreamConnection] = field(default_factory=list)
+    """Every connection, in order; the last one's close code is :attr:`close_code`."""
+    reconnect_error: str | None = None
+    """Why reconnecting was given up, when it was (the stream then ends with
+    the last connection's close code)."""
+    client_warnings: list[str] = field(default_factory=list)
+    """What the client itself noticed in resuming (audio it could not re-send)."""
+    duplicates_dropped: int = 0
+    """Results of a new connection dropped because an earlier one had
+    already finalized their audio (multichannel resumes only)."""
 
     @property
     def ok(self) -> bool:
@@ -685,6 +750,146 @@ class StreamTranscript:
             self.metadata = message
 
 
+class _Source:
+    """The audio of a :func:`transcribe_stream` call as chunks, read once and
+    shared by its connections: :meth:`next` may be cancelled without losing a
+    chunk (an async iterable is read by a task of its own into a queue)."""
+
+    def __init__(self, audio: bytes | AsyncIterable[bytes], chunk_bytes: int) -> None:
+        self.done = False
+        self._data: bytes | None = None
+        self._pos = 0
+        self._chunk = chunk_bytes
+        self._queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=64)
+        self._task: asyncio.Task[None] | None = None
+        if isinstance(audio, (bytes, bytearray, memoryview)):
+            self._data = bytes(audio)
+        else:
+            self._task = asyncio.create_task(self._pump(audio))
+
+    async def _pump(self, audio: AsyncIterable[bytes]) -> None:
+        try:
+            async for chunk in audio:
+                await self._queue.put(bytes(chunk))
+        except Exception as exc:  # handed to the sender, which raises it
+            await self._queue.put(exc)
+            return
+        await self._queue.put(None)
+
+    async def next(self) -> bytes | None:
+        """The next chunk, or None at the end (and every time after)."""
+        if self.done:
+            return None
+        if self._data is not None:
+            if self._pos >= len(self._data):
+                self.done = True
+                return None
+            chunk = self._data[self._pos : self._pos + self._chunk]
+            self._pos += len(chunk)
+            return chunk
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self.done = True
+            raise item
+        if item is None:
+            self.done = True
+        return item
+
+    async def aclose(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+class _Retry:
+    """Backoff of (re)connection attempts: at most ``attempts`` in a row
+    without progress, each outage within ``timeout_s``; delays double from
+    ``backoff_s`` up to ``max_backoff_s`` with jitter (x0.5 to x1), and are
+    never shorter than a refusal's ``Retry-After``."""
+
+    def __init__(
+        self, attempts: int, backoff_s: float, max_backoff_s: float, timeout_s: float
+    ) -> None:
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.timeout_s = timeout_s
+        self.failures = 0
+        self.total = 0
+
+    def progress(self) -> None:
+        self.failures = 0
+
+    def delay(self, retry_after: float | None) -> float:
+        base = min(self.max_backoff_s, self.backoff_s * 2.0**self.failures)
+        delay = base * (0.5 + 0.5 * random.random())
+        return max(delay, retry_after or 0.0)
+
+
+async def _open(
+    make_client: Callable[[], StreamClient],
+    retry: _Retry | None,
+    *,
+    first: bool,
+    notify: Callable[[str], None],
+    why: str = "",
+) -> tuple[StreamClient | None, str | None]:
+    """Open a connection, retrying as ``retry`` allows (not at all when None).
+
+    The first connection retries only refusals in :data:`RETRYABLE_STATUSES`
+    and raises what stopped it; a reconnection also retries a server it cannot
+    reach, and returns ``(None, why it gave up)`` instead of raising."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + (retry.timeout_s if retry is not None else 0.0)
+    retry_after: float | None = None
+    last: StreamConnectError | None = None
+    wait_first = not first
+    while True:
+        if wait_first:
+            assert retry is not None
+            if retry.failures >= retry.attempts:
+                reason = f"{retry.attempts} attempts in a row failed"
+                if last is not None:
+                    reason += f" (last: {last})"
+                if first:
+                    raise last if last is not None else StreamConnectError(reason)
+                return None, reason
+            delay = retry.delay(retry_after)
+            if loop.time() + delay > deadline:
+                reason = f"no connection within {retry.timeout_s:g} s"
+                if last is not None:
+                    reason += f" (last: {last})"
+                if first and last is not None:
+                    raise last
+                return None, reason
+            retry.failures += 1
+            retry.total += 1
+            attempt = f"attempt {retry.failures} of {retry.attempts}"
+            notify(f"{why}reconnecting in {delay:.2f} s ({attempt})")
+            why = ""
+            await asyncio.sleep(delay)
+        wait_first = True
+        client = make_client()
+        try:
+            await client.connect()
+            return client, None
+        except StreamRefusedError as exc:
+            last = exc
+            retry_after = exc.retry_after
+            if retry is None or exc.status not in RETRYABLE_STATUSES:
+                if first:
+                    raise
+                return None, f"the server refused the stream: {exc}"
+            why = f"refused ({exc}); "
+        except StreamConnectError as exc:
+            last = exc
+            retry_after = None
+            if retry is None or first:
+                raise
+            why = f"{exc}; "
+
+
 async def transcribe_stream(
     url: str,
     audio: AudioSource,
@@ -706,6 +911,13 @@ async def transcribe_stream(
     realtime: bool = True,
     audio_sample_rate: int | None = None,
     on_message: Callable[[Message], None] | None = None,
+    reconnect: bool = False,
+    max_reconnects: int = 5,
+    reconnect_backoff_s: float = 0.2,
+    reconnect_max_backoff_s: float = 5.0,
+    reconnect_timeout_s: float = 30.0,
+    resume_buffer_s: float = DEFAULT_MAX_BUFFER_S,
+    on_reconnect: Callable[[str], None] | None = None,
 ) -> StreamTranscript:
     """Stream ``audio`` to ``url`` and collect everything the server sends.
 
@@ -720,78 +932,223 @@ async def transcribe_stream(
     stream cannot be opened, and whatever preparing the audio raises (a
     missing file, say). If the server closes while audio is still being
     sent, sending stops quietly and the transcript shows the close code.
+
+    **Reconnecting.** With ``reconnect=True``, a connection that ends with a
+    code of :data:`RETRYABLE_CLOSE_CODES` (the server went away after its
+    finals, an internal error, a dropped connection) is replaced by a new one
+    to the same URL (behind a load balancer: another replica), and the stream
+    goes on where the finals stopped: the audio sent since the end of the last
+    final received is re-sent first, as fast as the server takes it, then the
+    source continues (paced again when ``realtime``: a live source catches up
+    with the audio that came during the outage). So no final is received
+    twice, and audio that was sent but not finalized is transcribed once, by
+    the new connection. Each connection's stream clock starts at 0; its
+    messages are shifted by where its audio starts, so the caller sees one
+    clock (:attr:`StreamConnection.offset_s`). The audio kept for resuming
+    is bounded by ``resume_buffer_s`` (twice the server's longest utterance
+    by default): audio older than that and not yet in a final is dropped, and
+    a resume that needed it records a warning in
+    :attr:`StreamTranscript.client_warnings`.
+
+    Attempts wait ``reconnect_backoff_s``, doubling up to
+    ``reconnect_max_backoff_s``, with jitter, and never less than a refusal's
+    ``Retry-After``; at most ``max_reconnects`` in a row (the count restarts
+    once a connection delivers a final or the server goes away with 1001) and
+    for at most ``reconnect_timeout_s`` per outage. Only refusals in
+    :data:`RETRYABLE_STATUSES` are retried (also for the first connection);
+    an unreachable server is retried only once the stream has started.
+    Never retried: a normal close (1000), 4xxx codes (limits and client
+    errors), other refusals (401...). When reconnecting is given up, the
+    call returns with the last close code and
+    :attr:`StreamTranscript.reconnect_error`. ``on_reconnect`` is called with
+    a line of text at each step (lost, waiting, resumed, given up).
     """
-    client = StreamClient(
-        url,
-        encoding=encoding,
-        sample_rate=sample_rate,
-        channels=channels,
-        multichannel=multichannel,
-        language=language,
-        interim_results=interim_results,
-        endpointing=endpointing,
-        utterance_end_ms=utterance_end_ms,
-        vad_events=vad_events,
-        keyterms=keyterms,
-        api_key=api_key,
-        extra_params=extra_params,
-        warnings=warnings,
-    )
+    if max_reconnects < 0:
+        raise ValueError(f"max_reconnects must not be negative, not {max_reconnects}")
+    if reconnect_backoff_s < 0 or reconnect_max_backoff_s < 0 or reconnect_timeout_s < 0:
+        raise ValueError("reconnect delays must not be negative")
+    if chunk_ms <= 0:
+        raise ValueError(f"chunk_ms must be positive, not {chunk_ms}")
+
+    def make_client() -> StreamClient:
+        return StreamClient(
+            url,
+            encoding=encoding,
+            sample_rate=sample_rate,
+            channels=channels,
+            multichannel=multichannel,
+            language=language,
+            interim_results=interim_results,
+            endpointing=endpointing,
+            utterance_end_ms=utterance_end_ms,
+            vad_events=vad_events,
+            keyterms=keyterms,
+            api_key=api_key,
+            extra_params=extra_params,
+            warnings=warnings,
+        )
+
+    keyterms = tuple(keyterms)
+    client = make_client()
     if not isinstance(audio, AsyncIterable):
         # Read, resample and encode before connecting: a bad file fails fast
         # and the stream's clock is not spent on it.
         audio = _encoded(client, audio, audio_sample_rate)
+    frame = BYTES_PER_SAMPLE[client.encoding] * client.channels
+    per_chunk = max(1, round(client.sample_rate * chunk_ms / 1000.0)) * frame
+    bps = client.bytes_per_second
+    state = ResumeState(
+        sample_rate=client.sample_rate,
+        frame_bytes=frame,
+        channels=client.channels if multichannel else 1,
+        max_buffer_s=resume_buffer_s,
+    )
+    retry = (
+        _Retry(max_reconnects, reconnect_backoff_s, reconnect_max_backoff_s, reconnect_timeout_s)
+        if reconnect
+        else None
+    )
+
+    def notify(text: str) -> None:
+        if on_reconnect is not None:
+            on_reconnect(text)
+
     result = StreamTranscript()
     loop = asyncio.get_running_loop()
-    async with client:
-        t0 = loop.time()
-        result.started_wall = time.time()
-
-        def sent(seconds: float) -> None:
-            now = loop.time() - t0
-            if result.audio_start_s is None:
-                result.audio_start_s = now
-            result.audio_end_s = now
-            result.audio_seconds = seconds
-
-        async def send() -> None:
-            with contextlib.suppress(StreamClosedError):
-                await stream_file(
-                    client, audio, chunk_ms=chunk_ms, realtime=realtime, on_chunk=sent
-                )
-
-        async def receive() -> None:
-            async for message in client.messages():
-                result.add(message, loop.time() - t0)
-                if on_message is not None:
-                    on_message(message)
-
-        sender = asyncio.create_task(send())
-        receiver = asyncio.create_task(receive())
-        try:
-            done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
-            if receiver in done:
-                # The server closed (or sent garbage): nothing more can be sent,
-                # and a sender waiting for its next chunk must not hold us up.
-                if not sender.done():
-                    sender.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sender
-                await receiver
-            elif sender.exception() is not None:
-                # Sending failed for a reason of ours: do not wait for an idle timeout.
-                receiver.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await receiver
-                await sender
-            else:
-                await receiver
-        finally:
-            for task in (sender, receiver):
-                if not task.done():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StreamError):
-                        await task
+    opened, _ = await _open(make_client, retry, first=True, notify=notify)
+    assert opened is not None
+    client = opened
+    t0 = loop.time()
+    result.started_wall = time.time()
+    pacer = _Pacer(realtime)
+    source = _Source(audio, per_chunk)
+    resend = b""
+    try:
+        while True:
+            connection = StreamConnection(
+                offset_s=state.offset_s, resent_s=len(resend) / bps, opened_s=loop.time() - t0
+            )
+            result.connections.append(connection)
+            await _run_connection(
+                client, connection, resend, source, state, pacer, result, loop, t0,
+                bps=bps, chunk_bytes=per_chunk, translate=reconnect, on_message=on_message,
+            )  # fmt: skip
+            connection.close_code = client.close_code
+            connection.close_reason = client.close_reason
+            code = client.close_code
+            if retry is None or (code is not None and code not in RETRYABLE_CLOSE_CODES):
+                break
+            if connection.finals or code == CLOSE_GOING_AWAY:
+                retry.progress()
+            why = f"the connection closed with code {code}"
+            why += f" ({client.close_reason}); " if client.close_reason else "; "
+            new, reason = await _open(make_client, retry, first=False, notify=notify, why=why)
+            if new is None:
+                result.reconnect_error = reason
+                notify(f"gave up reconnecting: {reason}")
+                break
+            client = new
+            resume = state.resume()
+            if resume.lost_s > 0:
+                result.client_warnings.append(state.warnings[-1])
+            resend = resume.data
+            result.reconnects += 1
+            notify(
+                f"reconnected (connection {result.reconnects + 1}); re-sending "
+                f"{len(resend) / bps:.2f} s of audio from {resume.offset_s:.2f} s"
+            )
+    finally:
+        await source.aclose()
+        with contextlib.suppress(StreamError):
+            await client.close()
     result.close_code = client.close_code
     result.close_reason = client.close_reason
+    result.duplicates_dropped = state.dropped_duplicates
     return result
+
+
+async def _run_connection(
+    client: StreamClient,
+    connection: StreamConnection,
+    resend: bytes,
+    source: _Source,
+    state: ResumeState,
+    pacer: _Pacer,
+    result: StreamTranscript,
+    loop: asyncio.AbstractEventLoop,
+    t0: float,
+    *,
+    bps: int,
+    chunk_bytes: int,
+    translate: bool,
+    on_message: Callable[[Message], None] | None,
+) -> None:
+    """Send (re-sent audio, then the source, then ``CloseStream``) and receive
+    on one connection until the server closes it."""
+
+    def sent() -> None:
+        now = loop.time() - t0
+        if result.audio_start_s is None:
+            result.audio_start_s = now
+        result.audio_end_s = now
+        result.audio_seconds = state.end_bytes / bps
+
+    async def send() -> None:
+        with contextlib.suppress(StreamClosedError):
+            for piece in _chunks_of(resend, chunk_bytes):
+                await client.send_audio(piece)
+                await asyncio.sleep(0)
+            while True:
+                chunk = await source.next()
+                if chunk is None:
+                    break
+                # Kept before it is sent: a chunk whose send fails is re-sent.
+                state.record(chunk)
+                pacer.begin()
+                await client.send_audio(chunk)
+                sent()
+                await pacer.wait(state.end_bytes / bps)
+            await client.close_stream()
+
+    async def receive() -> None:
+        async for raw in client.messages():
+            at = loop.time() - t0
+            if raw.get("type") == "Metadata":
+                if connection.metadata is None:
+                    connection.metadata = raw
+                connection.last_metadata = raw
+            message = state.translate(raw) if translate else raw
+            if message is None:
+                continue
+            if is_final(message):
+                connection.finals += 1
+            result.add(message, at)
+            if on_message is not None:
+                on_message(message)
+
+    sender = asyncio.create_task(send())
+    receiver = asyncio.create_task(receive())
+    try:
+        done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+        if receiver in done:
+            # The server closed (or sent garbage): nothing more can be sent,
+            # and a sender waiting for its next chunk must not hold us up.
+            if not sender.done():
+                sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+            await receiver
+        elif sender.exception() is not None:
+            # Sending failed for a reason of ours: do not wait for an idle timeout.
+            receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await receiver
+            await sender
+        else:
+            await receiver
+    finally:
+        for task in (sender, receiver):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StreamError):
+                    await task

@@ -5,9 +5,15 @@ standard output is a terminal (they are not shown otherwise); finals are
 printed as lines, prefixed with ``[ch N]`` when the stream has several
 channels. ``--json`` writes every server message as one JSON line instead.
 
-Exit codes: 0 the server closed the stream normally (1000); 1 the server
-refused the stream, closed it with an error, or could not be reached; 2 bad
-usage or an unreadable input file.
+A stream whose server goes away (1001), fails (1011) or drops the
+connection is reconnected to the same URL and resumed where its finals
+stopped (no word lost or doubled; see ``transcribe_stream`` and
+docs/protocol.md, "Reconnecting"); ``--no-reconnect`` turns this off.
+
+Exit codes: 0 the server closed the stream normally (1000), after
+reconnecting or not; 1 the server refused the stream, closed it with an
+error, or could not be reached (or reached again); 2 bad usage or an
+unreadable input file.
 """
 
 from __future__ import annotations
@@ -54,6 +60,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, not {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, not {value}")
     return value
 
 
@@ -172,6 +188,23 @@ def add_stream_parser(
         default=20.0,
         help="milliseconds of audio per websocket frame (default: 20)",
     )
+    p.add_argument(
+        "--no-reconnect",
+        dest="reconnect",
+        action="store_false",
+        help=(
+            "end when the connection is lost; by default the stream reconnects after "
+            "a server going away (1001), an internal error (1011) or a dropped "
+            "connection, and re-sends the audio not yet in a final"
+        ),
+    )
+    p.add_argument(
+        "--max-reconnects",
+        type=_non_negative_int,
+        default=5,
+        metavar="N",
+        help="reconnection attempts in a row before giving up (default: 5)",
+    )
     p.add_argument("--json", action="store_true", help="write every server message as a JSON line")
     p.add_argument(
         "--api-key",
@@ -240,6 +273,14 @@ class _Display:
                 self._interim_shown = True
         elif kind == "Warning":
             self.info(f"warning: {message.get('message', '')} [{message.get('code', '?')}]")
+
+    def reconnecting(self, text: str) -> None:
+        """A step of reconnecting: the errors of the connection that ended are
+        shown now (they do not end the stream), then the step."""
+        for error in self.errors:
+            self.info(_error_line(error))
+        self.errors.clear()
+        self.info(text)
 
     def finish(self) -> None:
         self._clear_interim()
@@ -334,6 +375,9 @@ def cmd_stream(args: argparse.Namespace) -> int:
                 realtime=args.realtime,
                 audio_sample_rate=audio_rate,
                 on_message=display.message,
+                reconnect=args.reconnect,
+                max_reconnects=args.max_reconnects,
+                on_reconnect=display.reconnecting,
             )
         )
     except StreamRefusedError as exc:
@@ -369,5 +413,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     else:
         reason = f": {result.close_reason}" if result.close_reason else ""
         line = f"error: the server closed the stream with code {code}{reason}"
+    if result.reconnect_error:
+        line += f"; gave up reconnecting: {result.reconnect_error}"
     print(f"earshot: {line}", file=err)
     return EXIT_STREAM_FAILED
