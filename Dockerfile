@@ -29,7 +29,9 @@ COPY core ./core
 COPY service ./service
 COPY models ./models
 COPY clients ./clients
-RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels ".${EXTRAS:+[$EXTRAS]}"
+# A pinned pip (hadolint DL3013), the one Dockerfile.cuda uses.
+RUN python -m pip install --no-cache-dir pip==24.3.1 \
+ && python -m pip wheel --no-cache-dir --wheel-dir /wheels ".${EXTRAS:+[$EXTRAS]}"
 
 FROM python:3.11-slim-bookworm
 COPY --from=build /wheels /wheels
