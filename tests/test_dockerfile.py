@@ -55,6 +55,10 @@ def test_every_copied_path_exists_and_every_package_is_copied(dockerfile: str) -
         copied += sources
         for src in sources:
             assert (ROOT / src).exists(), f"{dockerfile}: COPY {src}: no such path"
+    # .dockerignore lets exactly the copied paths into the build context.
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    kept = {line[1:] for line in ignore if line.startswith("!")}
+    assert "*" in ignore and kept == set(copied), (kept, copied)
     # Every folder the wheel is built from (package-dir) is copied.
     folders = PYPROJECT["tool"]["setuptools"]["package-dir"]
     assert set(folders.values()) <= set(copied)
