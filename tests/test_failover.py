@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.kit.balancer import CHECK_FALL, CHECK_INTER_MS, haproxy_binary
-from tests.kit.failover import STREAMS, run_failover
+from tests.kit.failover import STREAMS, UTTERANCE_S, run_failover
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
@@ -42,6 +42,11 @@ def test_failover_behind_haproxy(tmp_path: Path) -> None:
     assert run.moved_by_kill >= run.streams_before["r2"]
     assert run.term_exit == 0
     assert run.kill_exit == -signal.SIGKILL
+    # Killed mid-utterance: the dropped streams re-sent at least the half
+    # utterance the dead replica had heard and not finalized.
+    resent = run.resent_after_kill_s()
+    assert len(resent) == run.moved_by_kill
+    assert min(resent) >= UTTERANCE_S / 2
     # Nothing landed on the draining replica after its SIGTERM: reconnections
     # and fresh streams it was offered before haproxy knew were refused (503)
     # and retried elsewhere.

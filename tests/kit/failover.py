@@ -7,16 +7,19 @@ health checks on ``/readyz``). :data:`STREAMS` streams of the tone language
 go through haproxy in real time; mid-load replica ``r1`` gets SIGTERM (it
 drains: finals, then close 1001), :data:`PROBES` fresh streams open right
 after it, and later replica ``r2`` gets SIGKILL (its connections just drop).
-Each client reconnects through haproxy and resends the audio no final covers
-yet. :func:`run_failover` returns what happened; ``tests/test_failover.py``
-asserts on it and ``bench/failover.py`` records it.
+Each client (``transcribe_stream(..., reconnect=True)``) reconnects through
+haproxy and resends the audio no final covers yet. :func:`run_failover`
+returns what happened; ``tests/test_failover.py`` asserts on it and
+``bench/failover.py`` records it.
 
 The scripts lie on one grid in wall-clock time (every stream's utterances
 start together; each stream's lead silence makes up for its staggered
-start), and both kills fall in the middle of a silence between utterances.
-A drain cuts the utterance in progress, and a word cut near its middle is
-heard whole by neither replica: that is the drain's behaviour, not what the
-scenario measures.
+start). The SIGTERM falls in the middle of a silence between utterances: a
+drain cuts the utterance in progress, and a word cut near its middle is
+heard whole by neither replica, which is the drain's behaviour and not what
+the scenario measures. The SIGKILL falls in the middle of an utterance: the
+words of it that the killed replica heard come back only through the
+client's re-sent audio.
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import signal
 import statistics
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -35,13 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from earshot.clients.stream import (
-    StreamClient,
-    StreamClosedError,
-    StreamConnectError,
-    is_final,
-    transcript_of,
-)
+from earshot.clients.stream import transcribe_stream, transcript_of
 from earshot.core.decoding import AudioArray
 from tests.kit.balancer import Haproxy
 from tests.kit.replica import ReplicaProcess, free_port, http_get, metric
@@ -64,22 +61,24 @@ CHUNK_S = 0.02
 ENDPOINTING_MS = 300
 DRAIN_S = 3.0
 SHUTDOWN_TIMEOUT_S = 15.0
-MAX_CONNECTIONS = 6
-"""Connection attempts per stream, refused ones included."""
+MAX_RECONNECTS = 5
+"""Reconnection attempts in a row per stream."""
+RECONNECT_BACKOFF_S = 0.05
+"""The client's first wait before reconnecting (doubling, with jitter)."""
 
 UTTERANCE_S = WORDS * DEFAULT_WORD_S + (WORDS - 1) * DEFAULT_WORD_GAP_S
 PERIOD_S = UTTERANCE_S + GAP_S
 TERM_AFTER = 1
-"""SIGTERM in the silence after this utterance (0-based) ..."""
+"""SIGTERM in the middle of the silence after this utterance (0-based) ..."""
 KILL_AFTER = 3
-"""... and SIGKILL in the silence after this one."""
+"""... and SIGKILL in the middle of this one."""
 NAMES = ("r0", "r1", "r2")
 """r0 survives, r1 gets SIGTERM, r2 SIGKILL."""
 DEEPGRAM = "deepgram"
 
 
 # ---------------------------------------------------------------------------
-# The client: real-time streaming that reconnects and resends what no final covers
+# The client: earshot.clients.stream.transcribe_stream(..., reconnect=True)
 
 
 @dataclass
@@ -90,81 +89,61 @@ class Outcome:
     finals: list[str] = field(default_factory=list)
     close_codes: list[int | None] = field(default_factory=list)
     """The close code of each connection, in order."""
+    resent_s: list[float] = field(default_factory=list)
+    """Audio re-sent on opening each connection (not yet in a final)."""
     reconnect_s: list[float] = field(default_factory=list)
-    """From noticing a close to the next connection being open."""
+    """From the client noticing a close to the next connection being open."""
     refused: int = 0
-    """Connection attempts refused or failed."""
-    request_ids: list[str] = field(default_factory=list)
+    """Reconnection attempts refused by the server or the balancer."""
+    request_ids: list[str | None] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+    """What the client said at each reconnection step."""
+    reconnect_error: str | None = None
 
     @property
     def text(self) -> str:
         return " ".join(t for t in self.finals if t)
 
 
-async def resilient_stream(url: str, pcm: bytes, start_at: float, script: str) -> Outcome:
-    """Stream 16 kHz linear16 ``pcm`` to ``url`` paced on the loop clock from
-    ``start_at`` (chunk ``j`` at ``start_at + j * CHUNK_S`` at the earliest);
-    when the server closes before the end (1001, 1006...) reconnect and resend
-    from the end of the last final. At most :data:`MAX_CONNECTIONS` attempts."""
+async def reconnecting_stream(url: str, pcm: bytes, start_at: float, script: str) -> Outcome:
+    """Stream 16 kHz linear16 ``pcm`` to ``url`` in real time from the loop
+    time ``start_at``, through :func:`transcribe_stream` with ``reconnect=True``
+    (at most :data:`MAX_RECONNECTS` attempts in a row)."""
     loop = asyncio.get_running_loop()
-    chunk_bytes = round(CHUNK_S * 16000) * 2
-    n_chunks = math.ceil(len(pcm) / chunk_bytes)
     out = Outcome(script)
-    covered_s = 0.0
-    closed_at: float | None = None
-    attempts = 0
-    await asyncio.sleep(max(0.0, start_at - loop.time()))
-    while True:
-        attempts += 1
-        if attempts > MAX_CONNECTIONS:
-            raise AssertionError(f"gave up after {MAX_CONNECTIONS} attempts: {out}")
-        first = int(covered_s / CHUNK_S + 1e-9)
-        base_s = first * CHUNK_S
-        client = StreamClient(
-            url, endpointing=ENDPOINTING_MS, interim_results=False, warnings=False
-        )
-        try:
-            await client.connect()
-        except StreamConnectError:
+    lost_at: float | None = None
+
+    def on_reconnect(line: str) -> None:
+        nonlocal lost_at
+        now = loop.time()
+        out.notices.append(f"{now - start_at:.3f} {line}")
+        if line.startswith("the connection closed") and lost_at is None:
+            lost_at = now
+        elif line.startswith("refused") or "refused (" in line:
             out.refused += 1
-            await asyncio.sleep(0.05 * attempts)
-            continue
-        if closed_at is not None:
-            out.reconnect_s.append(loop.time() - closed_at)
-        sent_all = False
+        elif line.startswith("reconnected") and lost_at is not None:
+            out.reconnect_s.append(now - lost_at)
+            lost_at = None
 
-        async def send(client: StreamClient = client, first: int = first) -> None:
-            nonlocal sent_all
-            with contextlib.suppress(StreamClosedError):
-                for j in range(first, n_chunks):
-                    delay = start_at + j * CHUNK_S - loop.time()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    await client.send_audio(pcm[j * chunk_bytes : (j + 1) * chunk_bytes])
-                await client.close_stream()
-                sent_all = True
-
-        sender = asyncio.create_task(send())
-        try:
-            async for message in client.messages():
-                if message.get("type") == "Metadata" and message.get("request_id"):
-                    rid = str(message["request_id"])
-                    if rid not in out.request_ids:
-                        out.request_ids.append(rid)
-                if message.get("type") == "Results" and is_final(message):
-                    end = base_s + float(message["start"]) + float(message["duration"])
-                    covered_s = max(covered_s, end)
-                    out.finals.append(transcript_of(message))
-        finally:
-            if not sender.done():
-                sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sender
-            await client.close()
-        out.close_codes.append(client.close_code)
-        if client.close_code == 1000 and sent_all:
-            return out
-        closed_at = loop.time()
+    await asyncio.sleep(max(0.0, start_at - loop.time()))
+    result = await transcribe_stream(
+        url,
+        pcm,
+        endpointing=ENDPOINTING_MS,
+        interim_results=False,
+        warnings=False,
+        chunk_ms=CHUNK_S * 1000,
+        reconnect=True,
+        max_reconnects=MAX_RECONNECTS,
+        reconnect_backoff_s=RECONNECT_BACKOFF_S,
+        on_reconnect=on_reconnect,
+    )
+    out.finals = [transcript_of(m) for m in result.finals.get(0, [])]
+    out.close_codes = [c.close_code for c in result.connections]
+    out.resent_s = [round(c.resent_s, 3) for c in result.connections]
+    out.request_ids = [c.request_id for c in result.connections]
+    out.reconnect_error = result.reconnect_error
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -238,6 +217,15 @@ class FailoverRun:
     def moved_by_kill(self) -> int:
         return sum(1 for o in self.outcomes if any(c not in (1000, 1001) for c in o.close_codes))
 
+    def resent_after_kill_s(self) -> list[float]:
+        """Audio re-sent on the connection that followed each dropped one."""
+        return [
+            o.resent_s[k + 1]
+            for o in self.outcomes
+            for k, code in enumerate(o.close_codes[:-1])
+            if code not in (1000, 1001)
+        ]
+
     def words_lost_and_doubled(self) -> tuple[int, int]:
         """Words missing from, and words added to, the finals (a word
         replaced by another counts once in each)."""
@@ -264,6 +252,11 @@ class FailoverRun:
             "moved_by_sigkill": self.moved_by_kill,
             "words_lost": lost,
             "words_doubled": doubled,
+            "close_codes": dict(
+                sorted(Counter(str(c) for o in self.outcomes for c in o.close_codes).items())
+            ),
+            "resent_s_after_sigkill_min": min(self.resent_after_kill_s(), default=None),
+            "resent_s_after_sigkill_max": max(self.resent_after_kill_s(), default=None),
             "reconnects": len(reconnect),
             "reconnect_s_p50": round(statistics.median(reconnect), 3) if reconnect else None,
             "reconnect_s_max": round(max(reconnect), 3) if reconnect else None,
@@ -293,9 +286,11 @@ async def _scenario(lb: Haproxy, replicas: list[ReplicaProcess]) -> FailoverRun:
         audio, truth = make_speech(
             _script(i, UTTERANCES), lead_s=grid - start, gap_s=GAP_S, tail_s=TAIL_S
         )
-        tasks.append(asyncio.create_task(resilient_stream(url, _pcm(audio), start, truth.text)))
+        tasks.append(asyncio.create_task(reconnecting_stream(url, _pcm(audio), start, truth.text)))
     term_at = grid + TERM_AFTER * PERIOD_S + UTTERANCE_S + GAP_S / 2
-    kill_at = grid + KILL_AFTER * PERIOD_S + UTTERANCE_S + GAP_S / 2
+    # Mid-utterance: what the killed replica heard of it was never finalized,
+    # and only the client's re-sent audio brings those words back.
+    kill_at = grid + KILL_AFTER * PERIOD_S + UTTERANCE_S / 2
     survivor, term, kill = replicas
     probe_tasks: list[asyncio.Task[Outcome]] = []
     try:
@@ -318,7 +313,7 @@ async def _scenario(lb: Haproxy, replicas: list[ReplicaProcess]) -> FailoverRun:
                 _script(100 + p, 1), lead_s=probe_grid - start, tail_s=TAIL_S
             )
             probe_tasks.append(
-                asyncio.create_task(resilient_stream(url, _pcm(audio), start, truth.text))
+                asyncio.create_task(reconnecting_stream(url, _pcm(audio), start, truth.text))
             )
         # Still listening (drain_s): its own counters say what it accepted.
         await asyncio.sleep(max(0.0, term_t + 1.8 - loop.time()))
