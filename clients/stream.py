@@ -21,6 +21,19 @@ Typical use::
 or, all at once, :func:`transcribe_stream`, which also records when each
 message arrived (for tests and benchmarks of latency).
 
+To survive a server that goes away (a rolling restart behind a load
+balancer) or a dropped connection, pass ``reconnect=True``::
+
+    result = await transcribe_stream(url, "call.wav", reconnect=True)
+    print(result.text(), result.reconnects, [c.close_code for c in result.connections])
+
+The stream is then resumed on a new connection to the same URL from the end
+of the last final received: the audio sent since then is kept (bounded, see
+:mod:`earshot.clients.resume`) and re-sent first, so no final arrives twice
+and no word is lost; the new connection's times are shifted so the caller
+sees one clock. :class:`StreamClient` itself is one connection and never
+reconnects.
+
 Messages are yielded as the parsed JSON ``dict`` exactly as the server sent
 them (no dataclass wrapping, so fields that a newer server adds are never
 lost); :func:`transcript_of`, :func:`channel_of` and :func:`is_final` read the
@@ -693,6 +706,8 @@ class StreamTranscript:
     """How many times the stream reconnected (``len(connections) - 1``)."""
     connections: list[StreamConnection] = field(default_factory=list)
     """Every connection, in order; the last one's close code is :attr:`close_code`."""
+    reconnect_attempts: int = 0
+    """Connection attempts made after the first one, failed ones included."""
     reconnect_error: str | None = None
     """Why reconnecting was given up, when it was (the stream then ends with
     the last connection's close code)."""
@@ -760,7 +775,8 @@ class _Source:
         self._data: bytes | None = None
         self._pos = 0
         self._chunk = chunk_bytes
-        self._queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=64)
+        # Little read-ahead: a chunk read is a chunk taken from a live source.
+        self._queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=2)
         self._task: asyncio.Task[None] | None = None
         if isinstance(audio, (bytes, bytearray, memoryview)):
             self._data = bytes(audio)
@@ -849,7 +865,11 @@ async def _open(
         if wait_first:
             assert retry is not None
             if retry.failures >= retry.attempts:
-                reason = f"{retry.attempts} attempts in a row failed"
+                reason = (
+                    f"{retry.failures} attempts in a row failed"
+                    if retry.failures
+                    else "no reconnection attempts are allowed (max_reconnects=0)"
+                )
                 if last is not None:
                     reason += f" (last: {last})"
                 if first:
@@ -967,6 +987,8 @@ async def transcribe_stream(
         raise ValueError(f"max_reconnects must not be negative, not {max_reconnects}")
     if reconnect_backoff_s < 0 or reconnect_max_backoff_s < 0 or reconnect_timeout_s < 0:
         raise ValueError("reconnect delays must not be negative")
+    if not resume_buffer_s > 0:
+        raise ValueError(f"resume_buffer_s must be positive, not {resume_buffer_s}")
     if chunk_ms <= 0:
         raise ValueError(f"chunk_ms must be positive, not {chunk_ms}")
 
@@ -1001,7 +1023,8 @@ async def transcribe_stream(
         sample_rate=client.sample_rate,
         frame_bytes=frame,
         channels=client.channels if multichannel else 1,
-        max_buffer_s=resume_buffer_s,
+        # Without reconnecting nothing is ever re-sent: keep about one chunk.
+        max_buffer_s=resume_buffer_s if reconnect else chunk_ms / 1000.0,
     )
     retry = (
         _Retry(max_reconnects, reconnect_backoff_s, reconnect_max_backoff_s, reconnect_timeout_s)
@@ -1033,9 +1056,9 @@ async def transcribe_stream(
                 client, connection, resend, source, state, pacer, result, loop, t0,
                 bps=bps, chunk_bytes=per_chunk, translate=reconnect, on_message=on_message,
             )  # fmt: skip
-            connection.close_code = client.close_code
+            code = None if client.close_code is None else int(client.close_code)
+            connection.close_code = code
             connection.close_reason = client.close_reason
-            code = client.close_code
             if retry is None or (code is not None and code not in RETRYABLE_CLOSE_CODES):
                 break
             if connection.finals or code == CLOSE_GOING_AWAY:
@@ -1064,6 +1087,7 @@ async def transcribe_stream(
     result.close_code = client.close_code
     result.close_reason = client.close_reason
     result.duplicates_dropped = state.dropped_duplicates
+    result.reconnect_attempts = retry.total if retry is not None else 0
     return result
 
 

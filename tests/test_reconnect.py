@@ -29,6 +29,7 @@ import pytest
 import soundfile as sf
 from aiohttp import WSMsgType, web
 
+from earshot.clients.audio import encode_audio
 from earshot.clients.resume import ResumeState
 from earshot.clients.stream import (
     RETRYABLE_CLOSE_CODES,
@@ -382,6 +383,24 @@ def test_a_dropped_connection_resends_what_was_not_finalized() -> None:
     assert [m["start"] for m in result.finals[0]] == [0.0, 0.5]
 
 
+def test_past_the_resume_buffer_the_oldest_audio_is_dropped_with_a_warning() -> None:
+    audio = pcm(2.0)
+    seen: list[dict[str, Any]] = []
+    # No final before the drop, and only 0.5 s may be kept.
+    plans = [Plan("drop", after=round(1.5 * BPS))]
+    with Scripted(plans) as server:
+        result = stream(server.url, audio, resume_buffer_s=0.5, on_message=seen.append)
+    _, second = server.conns
+    resent = round(result.connections[1].resent_s * BPS)
+    assert 0 < resent <= BPS // 2 + 640
+    assert bytes(second.audio) == audio[len(audio) - len(second.audio) :]
+    assert len(second.audio) < len(audio)
+    assert len(result.client_warnings) == 1 and "not re-sent" in result.client_warnings[0]
+    # The caller's clock: the new connection's final starts where its audio does.
+    assert result.finals[0][0]["start"] == pytest.approx(result.connections[1].offset_s, abs=1e-3)
+    assert seen[-2]["start"] == result.finals[0][0]["start"]
+
+
 def test_no_reconnect_by_default() -> None:
     with Scripted([Plan("goaway", after=BPS // 2, final_s=0.25)]) as server:
         result = run(transcribe_stream(server.url, pcm(1.0), realtime=False))
@@ -459,6 +478,7 @@ def test_attempts_are_bounded() -> None:
     with Scripted(plans) as server:
         result = stream(server.url, pcm(1.0), max_reconnects=3)
     assert len(server.conns) == 1 + 3
+    assert result.reconnect_attempts == 3 and result.reconnects == 0
     assert result.close_code == 1001
     assert result.reconnect_error is not None and "3 attempts" in result.reconnect_error
 
@@ -539,6 +559,15 @@ def wav(tmp_path: Path) -> Path:
     path = tmp_path / "a.wav"
     sf.write(path, np.frombuffer(pcm(1.0), "<i2"), RATE, subtype="PCM_16")
     return path
+
+
+def test_cli_options() -> None:
+    parser = argparse.ArgumentParser(prog="earshot")
+    add_stream_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["stream", "a.wav"])
+    assert args.reconnect is True and args.max_reconnects == 5
+    args = parser.parse_args(["stream", "a.wav", "--no-reconnect", "--max-reconnects", "0"])
+    assert args.reconnect is False and args.max_reconnects == 0
 
 
 def test_cli_reconnects_by_default(wav: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -648,6 +677,18 @@ async def live_stream_with(
     port = free_port()
     url = f"ws://127.0.0.1:{port}/v1/listen"
     audio, _ = speech(word_gap_s)
+    data = encode_audio(audio, "linear16")
+    cut_now = asyncio.Event()
+
+    async def source() -> AsyncIterator[bytes]:
+        # Paced by transcribe_stream (realtime); the cut comes when the audio
+        # up to ``at_s`` has been handed over (give or take the client's
+        # read-ahead of two 20 ms chunks), however late the loop runs.
+        for i in range(0, len(data), 640):
+            if i >= (at_s + 0.03) * BPS:
+                cut_now.set()
+            yield data[i : i + 640]
+
     notes: list[str] = []
     old = await Replica(port).start()
     new: Replica | None = None
@@ -655,14 +696,17 @@ async def live_stream_with(
         task = asyncio.create_task(
             transcribe_stream(
                 url,
-                audio,
+                source(),
                 realtime=True,
                 reconnect=True,
                 reconnect_backoff_s=0.1,
                 on_reconnect=notes.append,
             )
         )
-        await asyncio.sleep(at_s)
+        reached = asyncio.ensure_future(cut_now.wait())
+        await asyncio.wait({reached, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        reached.cancel()
+        assert cut_now.is_set(), "the cut point was never reached"
         if cut == "go_away":
             await old.go_away()
         else:
