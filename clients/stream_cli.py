@@ -413,7 +413,5 @@ def cmd_stream(args: argparse.Namespace) -> int:
     else:
         reason = f": {result.close_reason}" if result.close_reason else ""
         line = f"error: the server closed the stream with code {code}{reason}"
-    if result.reconnect_error:
-        line += f"; gave up reconnecting: {result.reconnect_error}"
     print(f"earshot: {line}", file=err)
     return EXIT_STREAM_FAILED
