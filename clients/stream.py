@@ -941,7 +941,7 @@ async def transcribe_stream(
 ) -> StreamTranscript:
     """Stream ``audio`` to ``url`` and collect everything the server sends.
 
-    Sending (:func:`stream_file`, then ``CloseStream``) and receiving run
+    Sending (as :func:`stream_file` does, then ``CloseStream``) and receiving run
     concurrently; the call returns when the server has closed the stream,
     whatever the close code (check :attr:`StreamTranscript.ok`). The stream
     options are those of :class:`StreamClient`; ``audio_sample_rate`` is the
