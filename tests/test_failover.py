@@ -6,7 +6,8 @@ the layout); here, what must hold: every stream's finals, joined, are its
 script exactly (no word lost, none doubled), through both kills; nothing
 lands on the draining replica after its SIGTERM; haproxy marks both replicas
 DOWN within reach of its health checks; the one replica left serves every
-stream. ``pytest -s`` shows the figures.
+stream. The figures are printed past pytest's capture, so every run (CI's
+included) shows them.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from tests.kit.failover import STREAMS, UTTERANCE_S, run_failover
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 
-def test_failover_behind_haproxy(tmp_path: Path) -> None:
+def test_failover_behind_haproxy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     binary = haproxy_binary()
     if binary is None:
         pytest.skip("haproxy is not installed (Debian package haproxy; .ci/run installs it)")
     run = run_failover(tmp_path, binary)
-    print("failover:", json.dumps(run.summary(), indent=2))
+    with capsys.disabled():
+        print("\nfailover:", json.dumps(run.summary(), indent=2))
 
     for i, o in enumerate(run.outcomes + run.probes):
         assert o.text == o.script, f"stream {i}: {o.close_codes}\n got  {o.text}\n want {o.script}"
