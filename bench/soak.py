@@ -65,7 +65,6 @@ import random
 import shlex
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -307,20 +306,12 @@ class WrappedServer(ServerProcess):
         return [sys.executable, str(Path(__file__).resolve()), "--serve-wrapped", *self.args]
 
     def __enter__(self) -> WrappedServer:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.snap_dir.mkdir(parents=True, exist_ok=True)
         for old in self.snap_dir.glob("snapshot-*.json"):
             old.unlink()
-        self._log = self.log_path.open("wb")
-        env = {**os.environ, **self.env, "SOAK_SNAPSHOT_DIR": str(self.snap_dir)}
-        self.proc = subprocess.Popen(
+        self.spawn(
             self.command,
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            env={**os.environ, **self.env, "SOAK_SNAPSHOT_DIR": str(self.snap_dir)},
         )
         return self
 

@@ -44,7 +44,6 @@ import os
 import platform
 import re
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -73,6 +72,7 @@ from earshot.clients.stream import (  # noqa: E402
     transcribe_stream,
     transcript_of,
 )
+from tests.kit.processes import LoggedProcess  # noqa: E402
 
 if TYPE_CHECKING:
     from earshot.models.store import ResolvedModel
@@ -263,7 +263,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class ServerProcess:
+class ServerProcess(LoggedProcess):
     """``python -m earshot.service.cli serve ...`` on 127.0.0.1, its log in a file.
 
     Use as a context manager: the process is always stopped on exit (SIGTERM,
@@ -271,30 +271,16 @@ class ServerProcess:
     """
 
     def __init__(self, args: list[str], port: int, log_path: Path, stop_timeout_s: float = 20.0):
+        super().__init__(log_path, stop_timeout_s)
         self.args = args
         self.port = port
-        self.log_path = log_path
-        self.stop_timeout_s = stop_timeout_s
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: Any = None
 
     @property
     def command(self) -> list[str]:
         return [sys.executable, "-m", "earshot.service.cli", "serve", *self.args]
 
     def __enter__(self) -> ServerProcess:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            self.command,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            # Its own session: a Ctrl-C in the terminal reaches only the
-            # benchmark, whose finally stops the server in order.
-            start_new_session=True,
-        )
+        self.spawn(self.command)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -337,27 +323,6 @@ class ServerProcess:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) / 1024.0
         return None
-
-    def stop(self) -> None:
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=self.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                print(f"  server {proc.pid} ignored SIGTERM; killing it", file=sys.stderr)
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(timeout=10.0)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def log_tail(self, lines: int = 30) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
 
 
 def machine_cpu_seconds() -> tuple[float, float]:

@@ -21,16 +21,14 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.kit.processes import LoggedProcess
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,7 +103,7 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-class ReplicaProcess:
+class ReplicaProcess(LoggedProcess):
     """``python -m tests.kit.replica`` on 127.0.0.1:``port``, its log in ``log_path``.
 
     ``settings`` are extra flags (``["--drain-s", "3"]``). Use as a context
@@ -119,22 +117,16 @@ class ReplicaProcess:
         settings: Sequence[str] = (),
         stop_timeout_s: float = 25.0,
     ) -> None:
+        super().__init__(log_path, stop_timeout_s)
         self.port = port
-        self.log_path = log_path
         self.settings = list(settings)
-        self.stop_timeout_s = stop_timeout_s
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> ReplicaProcess:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
+        self.spawn(
             [
                 sys.executable,
                 "-m",
@@ -145,12 +137,7 @@ class ReplicaProcess:
                 str(self.port),
                 *self.settings,
             ],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         return self
 
@@ -191,26 +178,6 @@ class ReplicaProcess:
         """The exit status; raises subprocess.TimeoutExpired."""
         assert self.proc is not None
         return self.proc.wait(timeout=timeout_s)
-
-    def stop(self) -> None:
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=self.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(timeout=10.0)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def log_tail(self, lines: int = 30) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
 
 
 if __name__ == "__main__":
