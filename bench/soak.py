@@ -167,9 +167,12 @@ def _snapshot(libc: Any, previous: list[Any]) -> dict[str, Any]:
     """What the server process holds now (runs inside it, from a signal handler)."""
     import tracemalloc
 
+    from earshot.service.http.livestream import LiveStream
+
     gc.collect()
     objects = gc.get_objects()
     by_type = Counter(type(o).__name__ for o in objects)
+    streams = sum(1 for o in objects if isinstance(o, LiveStream))
     interesting = (
         "LiveStream",
         "StreamSession",
@@ -188,7 +191,10 @@ def _snapshot(libc: Any, previous: list[Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "rss_mb": round((_rss_kb() or 0) / 1024.0, 1),
         "gc_objects": len(objects),
-        "live": {name: by_type.get(name, 0) for name in interesting},
+        # Streams of every protocol are subclasses of LiveStream.
+        "live": {
+            name: by_type.get(name, 0) if name != "LiveStream" else streams for name in interesting
+        },
         "top_types": by_type.most_common(20),
         "mallinfo2": _mallinfo(libc),
     }
@@ -200,8 +206,8 @@ def _snapshot(libc: Any, previous: list[Any]) -> dict[str, Any]:
                 "streams": len(o.streams),
                 "streams_total": sum(o.streams_opened.values()),
                 "closes": {str(k): v for k, v in o.closes.items()},
-                "queued_finals": len(sched._finals),
-                "queued_interims": len(sched._interims),
+                "queued_finals": sched.queue_depth.finals,
+                "queued_interims": sched.queue_depth.interims,
             }
         elif type(o).__name__ == "Metrics" and hasattr(o, "_sessions"):
             out["metrics_sessions"] = len(o._sessions)
